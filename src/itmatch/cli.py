@@ -1,0 +1,122 @@
+"""The `itmatch` command line.
+
+This file only declares the commands and their arguments; each command's work lives in the module
+that owns the concept (imported lazily so that `itmatch --help` stays fast). A user error anywhere
+below ends as one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from itmatch import __version__
+from itmatch.errors import ItmatchError
+
+
+def _handler(target: str):
+    """'module:function' -> a handler that imports the module only when the command runs."""
+
+    def run(args):
+        module, func = target.split(":")
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="itmatch", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"itmatch {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    # --- data -------------------------------------------------------------------------------
+    data = sub.add_parser("data", help="inspect data folders, generate the scenes benchmark")
+    dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    dsub.required = True
+
+    insp = dsub.add_parser("inspect", help="validate a SCAN precomp folder and print a summary")
+    insp.add_argument("dir", help="folder with {split}_ims.npy, {split}_caps.txt, ...")
+    insp.add_argument("--split", action="append", default=None,
+                      help="split to inspect (repeatable; default: every split found)")
+    insp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    insp.set_defaults(func=_handler("itmatch.data.inspect:cmd_inspect"))
+
+    sc = dsub.add_parser("scenes", help="generate the embedded scenes benchmark")
+    sc.add_argument("--out", required=True, help="output folder (must be empty or not exist)")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--size", choices=["tiny", "small", "default"], default="default",
+                    help="preset split sizes (tiny serves tests)")
+    sc.add_argument("--train", type=int, default=None, help="number of train images")
+    sc.add_argument("--dev", type=int, default=None, help="number of dev images")
+    sc.add_argument("--test", type=int, default=None, help="number of test images")
+    sc.add_argument("--no-features", action="store_true",
+                    help="write images, captions and relevance only (no CNN region features)")
+    sc.set_defaults(func=_handler("itmatch.data.scenes:cmd_scenes"))
+
+    # --- evaluation of saved matrices ---------------------------------------------------------
+    es = sub.add_parser("eval-sims", help="evaluate saved similarity matrices (.npy, images x captions)")
+    es.add_argument("sims", nargs="+", help="one or more .npy files; several are averaged (ensemble)")
+    es.add_argument("--protocol", required=True,
+                    choices=["f30k-1k", "coco-1k", "coco-5k", "scenes", "eccv", "plain"])
+    es.add_argument("--data", default=None, help="data folder (captions-to-images map, ids, relevance)")
+    es.add_argument("--split", default="test")
+    es.add_argument("--captions-per-image", type=int, default=None,
+                    help="without --data: captions of image i are columns i*k..i*k+k-1")
+    es.add_argument("--output", default=None, help="write the JSON report here")
+    es.set_defaults(func=_handler("itmatch.evaluation.commands:cmd_eval_sims"))
+
+    # --- training, evaluation of models, the demo --------------------------------------------
+    tr = sub.add_parser("train", help="train a model from a YAML config")
+    tr.add_argument("--config", default=None, help="YAML config (see configs/)")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    tr.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
+    tr.add_argument("--resume", default=None, metavar="latest|PATH",
+                    help="continue a run from its latest checkpoint, or from a checkpoint folder")
+    tr.set_defaults(func=_handler("itmatch.training.commands:cmd_train"))
+
+    ev = sub.add_parser("eval", help="evaluate a trained run or checkpoint")
+    ev.add_argument("checkpoint", help="run folder (uses its best checkpoint) or checkpoint folder")
+    ev.add_argument("--data", default=None, help="data folder (default: the one the run trained on)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--protocol", default=None,
+                    choices=["f30k-1k", "coco-1k", "coco-5k", "scenes", "eccv", "plain"],
+                    help="default: scenes for scenes data, plain otherwise")
+    ev.add_argument("--output", default=None, help="write the JSON report here")
+    ev.add_argument("--save-sims", default=None, help="save the similarity matrix (.npy)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=_handler("itmatch.training.commands:cmd_eval"))
+
+    de = sub.add_parser("demo", help="generate scenes, train the baseline, evaluate, write a report")
+    de.add_argument("--out", default="runs/demo", help="run folder")
+    de.add_argument("--data", default=None, help="scenes cache folder (default .cache/scenes-default)")
+    de.add_argument("--epochs", type=int, default=None, help="override the demo's epoch budget")
+    de.add_argument("--size", choices=["tiny", "small", "default"], default="default")
+    de.set_defaults(func=_handler("itmatch.training.commands:cmd_demo"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except ItmatchError as exc:
+        print(f"itmatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("itmatch: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `itmatch ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
