@@ -1,0 +1,82 @@
+"""`itmatch eval-sims`: evaluate saved similarity matrices (images x captions .npy files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from itmatch.errors import ItmatchError
+from itmatch.evaluation.ranking import DenseScores, MeanScores, ScoreSource
+
+DEFAULT_CAPTIONS_PER_IMAGE = 5
+
+
+def load_sims(path: str | Path) -> np.ndarray:
+    """Open a plain 2-D numeric .npy array, memory-mapped; never unpickle anything."""
+    p = Path(path)
+    if not p.is_file():
+        raise ItmatchError(f"similarity file not found: {p}")
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        text = str(exc).lower()
+        if "pickle" in text or "object" in text:
+            raise ItmatchError(f"{p} holds pickled Python objects, not a plain array (e.g. HREM's results dict): "
+                               f"save the matrix itself with np.save(path, sims)") from None
+        raise ItmatchError(f"{p} is not a readable .npy array: {exc}") from None
+    except (OSError, EOFError) as exc:
+        raise ItmatchError(f"{p} is not a readable .npy array: {exc}") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        arr.close()
+        raise ItmatchError(f"{p} is an .npz archive: pass the similarity matrix as a single .npy file")
+    if arr.ndim != 2:
+        raise ItmatchError(f"{p} has shape {arr.shape}: expected a 2-D images x captions matrix")
+    if arr.dtype.kind not in "fiu":
+        raise ItmatchError(f"{p} has dtype {arr.dtype}: expected real-valued similarity scores")
+    return arr
+
+
+def load_sims_source(paths: list[str]) -> ScoreSource:
+    """One source for one file, or the element-wise mean of several files of one shape (an ensemble)."""
+    sources = [DenseScores(load_sims(p), name=str(p)) for p in paths]
+    return sources[0] if len(sources) == 1 else MeanScores(sources)
+
+
+def cmd_eval_sims(args) -> int:
+    from itmatch.evaluation.protocols import evaluate_sims
+    from itmatch.evaluation.report import format_report, write_report
+
+    if args.output:
+        out = Path(args.output).resolve()
+        if any(out == Path(p).resolve() for p in args.sims):
+            raise ItmatchError(f"--output {args.output} is one of the input matrices: choose another file")
+    source = load_sims_source(args.sims)
+    n_img, n_cap = source.shape
+    split, caption_to_image = None, None
+    if args.data:
+        from itmatch.data.precomp import load_split
+
+        split = load_split(Path(args.data), args.split, features=False)
+        if split.n_images != n_img or split.n_captions != n_cap:
+            raise ItmatchError(f"{source.name} is {n_img} x {n_cap} but split {args.split!r} of {args.data} has "
+                               f"{split.n_images} images and {split.n_captions} captions")
+        k = args.captions_per_image
+        if k is not None and split.captions_per_image != k:
+            raise ItmatchError(f"--captions-per-image {k} disagrees with split {args.split!r} of {args.data} "
+                               f"({split.captions_per_image or 'a varying number of'} captions per image)")
+    else:
+        k = args.captions_per_image if args.captions_per_image is not None else DEFAULT_CAPTIONS_PER_IMAGE
+        if k < 1 or n_cap != k * n_img:
+            raise ItmatchError(f"{source.name} is {n_img} x {n_cap}: with {k} captions per image it needs "
+                               f"{k * n_img} caption columns; pass the right --captions-per-image or --data")
+        caption_to_image = np.repeat(np.arange(n_img), k)
+
+    report = evaluate_sims(source, args.protocol, split, caption_to_image=caption_to_image,
+                           dataset=str(args.data or ""), split_name=args.split if args.data else "")
+    report["sims_files"] = [str(p) for p in args.sims]
+    print(format_report(report))
+    if args.output:
+        write_report(report, args.output)
+        print(f"report written to {args.output}")
+    return 0

@@ -1,0 +1,144 @@
+"""Evaluation protocols: which metrics, on which part of a similarity matrix.
+
+plain     the recall metrics on the whole matrix
+f30k-1k   plain, on a 1000-image test split (Flickr30K)
+coco-5k   plain, on the 5000-image COCO test split
+coco-1k   the five 1K folds of ONE 5K matrix (rows i*1000:(i+1)*1000 and those images' captions),
+          every metric averaged over the folds (so rSum is the sum of the averaged recalls)
+scenes    plain R@K on each image's own captions, plus mAP@R / R-Precision on the full relevance
+          matrix and the accuracy on hard-negative twins
+eccv      coco-5k plus ECCV Caption's mAP@R, R-Precision and R@1 (eccv-caption package)
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from itmatch.data.split import RetrievalSplit
+from itmatch.errors import ItmatchError
+from itmatch.evaluation.ranking import (
+    ArrayLike,
+    ScoreSource,
+    SubScores,
+    as_score_source,
+    check_caption_to_image,
+    is_pessimistic,
+    relevance_ranking,
+    retrieval_metrics,
+    twin_accuracy,
+)
+from itmatch.evaluation.report import build_report
+
+PROTOCOLS = ("plain", "f30k-1k", "coco-1k", "coco-5k", "scenes", "eccv")
+EXPECTED_IMAGES = {"f30k-1k": 1000, "coco-5k": 5000, "coco-1k": 5000, "eccv": 5000}
+COCO_FOLDS = 5
+COCO_FOLD_IMAGES = 1000
+
+
+def resolve_caption_to_image(n_images: int, n_captions: int, split: RetrievalSplit | None,
+                             caption_to_image: np.ndarray | None) -> np.ndarray:
+    """The caption -> image row map: from the split, given explicitly, or k consecutive captions per image."""
+    if split is not None:
+        if split.n_images != n_images or len(split.caption_to_image) != n_captions:
+            raise ItmatchError(f"the similarity matrix is {n_images} x {n_captions} but split {split.name!r} has "
+                               f"{split.n_images} images and {len(split.caption_to_image)} captions")
+        if caption_to_image is not None and not np.array_equal(np.asarray(caption_to_image), split.caption_to_image):
+            raise ItmatchError(f"caption_to_image disagrees with split {split.name!r}: pass only one of them")
+        caption_to_image = split.caption_to_image
+    if caption_to_image is None:
+        if n_images == 0 or n_captions % n_images:
+            raise ItmatchError(f"cannot tell which captions belong to which image in a {n_images} x {n_captions} "
+                               f"matrix: pass caption_to_image or a split")
+        caption_to_image = np.repeat(np.arange(n_images), n_captions // n_images)
+    return check_caption_to_image(caption_to_image, n_images, n_captions)
+
+
+def coco_1k_folds(caption_to_image: np.ndarray, n_images: int) -> list[tuple[int, int, np.ndarray]]:
+    """(row_start, row_stop, caption columns) of the five 1K folds of a 5K split."""
+    folds = []
+    for f in range(COCO_FOLDS):
+        start, stop = f * COCO_FOLD_IMAGES, (f + 1) * COCO_FOLD_IMAGES
+        cols = np.flatnonzero((caption_to_image >= start) & (caption_to_image < stop))
+        folds.append((start, stop, cols))
+    return folds
+
+
+def evaluate_sims(sims: ArrayLike | ScoreSource, protocol: str, split: RetrievalSplit | None = None, *,
+                  caption_to_image: np.ndarray | None = None, tie_policy: str = "pessimistic",
+                  dataset: str = "", split_name: str = "", chunk_rows: int | None = None) -> dict:
+    """Evaluate an images x captions similarity matrix under a protocol; return the report dict."""
+    t0 = time.perf_counter()
+    if protocol not in PROTOCOLS:
+        raise ItmatchError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    is_pessimistic(tie_policy)
+    source = as_score_source(sims)
+    n_img, n_cap = source.shape
+    c2i = resolve_caption_to_image(n_img, n_cap, split, caption_to_image)
+    expected = EXPECTED_IMAGES.get(protocol)
+    if expected is not None and n_img != expected:
+        raise ItmatchError(f"protocol {protocol} expects {expected} test images but the similarity matrix has "
+                           f"{n_img} image rows: use --protocol plain for other sizes")
+    # fail on missing inputs before any scoring work
+    if protocol == "eccv":
+        from itmatch.evaluation.eccv import map_coco_ids
+
+        if split is None:
+            raise ItmatchError("protocol eccv needs the split's COCO image and caption ids: pass --data")
+        map_coco_ids(split.image_ids, split.caption_ids, c2i)
+    if protocol == "scenes" and (split is None or split.relevance is None):
+        raise ItmatchError("protocol scenes needs the split's relevance matrix: pass --data with a scenes folder")
+    kwargs = {"tie_policy": tie_policy, "chunk_rows": chunk_rows}
+
+    folds = None
+    if protocol == "coco-1k":
+        folds = []
+        for start, stop, cols in coco_1k_folds(c2i, n_img):
+            fold = SubScores(source, start, stop, cols)
+            folds.append(retrieval_metrics(fold, c2i[cols] - start, **kwargs))
+        metrics = {key: float(np.mean([f[key] for f in folds])) for key in folds[0]}
+    else:
+        metrics = retrieval_metrics(source, c2i, **kwargs)
+    if protocol == "scenes":
+        metrics.update(scenes_metrics(source, c2i, split, **kwargs))
+    if protocol == "eccv":
+        from itmatch.evaluation.eccv import eccv_metrics
+
+        metrics.update(eccv_metrics(source, split.image_ids, split.caption_ids, c2i, **kwargs))
+
+    counts = np.bincount(c2i, minlength=n_img)
+    return build_report(
+        dataset=dataset, split=split_name or (split.name if split is not None else ""), protocol=protocol,
+        n_images=n_img, n_captions=n_cap,
+        captions_per_image=int(counts[0]) if (counts == counts[0]).all() else None,
+        tie_policy=tie_policy, elapsed_s=time.perf_counter() - t0, metrics=metrics, folds=folds)
+
+
+def scenes_metrics(source: ScoreSource, caption_to_image: np.ndarray, split: RetrievalSplit | None, *,
+                   tie_policy: str, chunk_rows: int | None) -> dict:
+    """mAP@R and R-Precision on the relevance matrix (both directions) and twin accuracy."""
+    if split is None or split.relevance is None:
+        raise ItmatchError("protocol scenes needs the split's relevance matrix: pass --data with a scenes folder")
+    n_img, n_cap = source.shape
+    relevance = split.relevance
+    if not sp.issparse(relevance):
+        relevance = sp.csr_matrix(np.asarray(relevance))
+    if relevance.shape != (n_cap, n_img):
+        raise ItmatchError(f"split {split.name!r}: the relevance matrix is {relevance.shape[0]} x "
+                           f"{relevance.shape[1]}, expected captions x images = {n_cap} x {n_img}")
+    # A caption is always relevant to its own image, whatever the stored matrix says.
+    own = sp.csr_matrix((np.ones(n_cap, dtype=bool), (np.arange(n_cap), caption_to_image)), shape=(n_cap, n_img))
+    relevance = (sp.csr_matrix(relevance, dtype=bool) + own).tocsr().astype(bool)
+    i2t, t2i = relevance_ranking(source, relevance.T.tocsr(), relevance, tie_policy=tie_policy,
+                                 chunk_rows=chunk_rows)
+    s_i2t, s_t2i = i2t.summary(), t2i.summary()
+    out = {"map_at_r_i2t": s_i2t["map_at_r"], "map_at_r_t2i": s_t2i["map_at_r"],
+           "rprecision_i2t": s_i2t["rprecision"], "rprecision_t2i": s_t2i["rprecision"]}
+    twins = split.twins if split.twins is not None else np.zeros((0, 2), dtype=np.int64)
+    out.update(twin_accuracy(source, caption_to_image, twins, relevance, tie_policy=tie_policy))
+    return out
+
+
+__all__ = ["PROTOCOLS", "evaluate_sims", "coco_1k_folds", "resolve_caption_to_image", "scenes_metrics"]
