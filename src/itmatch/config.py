@@ -27,6 +27,7 @@ class ImageConfig:
     backbone: str = "efficientnet-lite0"  # grid only
     backbone_weights: str | None = None  # local path; None = the weight package's file
     image_size: int = 224  # grid only
+    hflip: bool = False  # grid only: random horizontal flips would falsify "left of" / "right of" captions
     freeze_backbone: bool = False
     region_drop: float = 0.2  # training-time augmentation: drop each region with this probability
 
@@ -68,6 +69,57 @@ class LossConfig:
     # InfoNCE
     temperature: float = 0.05
     learn_temperature: bool = False
+    # extra regularizers added to any method's objective, e.g. [dias]
+    regularizers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HremConfig:
+    """HREM (CVPR 2023). Fragment level lives in the model, instance level in the objective."""
+
+    beta: float = 0.8  # global = beta * MaxPool(initial) + (1 - beta) * AvgPool(enhanced), Eq. 2-3
+    maxk: int = 2  # "max" pooling = mean of the top-k values per dimension (public code: 2; paper: 1)
+    fragment_layers: int = 1
+    fragment_heads: int = 16
+    fragment_ff: int = 1024
+    dropout: float = 0.1
+    mechanism: str = "fusion"  # fusion | standalone (Sec. 3.3.2)
+    layers: int = 1  # L interaction layers
+    heads: int = 16
+    tau: float = 0.5  # each row of the connection matrix keeps its first tau * N neighbours
+    relevance_weight: float = 1.0  # lambda of Eq. 12 (paper: 1.5 on COCO, 1.0 on Flickr30K)
+    sigma: float = 1.0  # intra-modal relevance exp(-||a-b||^2 / sigma), Eq. 10
+    topk: int = 10  # K of Eq. 8
+    reg_weight: float = 10.0  # weight of L_reg (Eq. 11)
+    instance_warmup_steps: int = 8000  # instance-level terms switch on after this many steps
+    detach_fragments: bool = True  # fragment matching p on detached fragments, as the public code does
+
+
+@dataclass
+class DiasConfig:
+    """DIAS (ACM MM 2024): a regularizer for any method with global embeddings and fragments."""
+
+    w_dim: float = 10.0
+    w_inter: float = 0.05
+    w_intra: float = 0.1
+    distance: str = "cosine"  # cosine | euclidean
+    sparsity: str = "soft"  # soft (relaxed learnable mask) | hard (binary, Eq. 14) | none | topk | l1
+    beta_init: float = 0.0
+    mask_temperature: float = 0.05  # relaxation temperature of the soft mask
+    topk: int = 10  # sparsity: topk
+    l1_weight: float = 0.01  # sparsity: l1
+
+
+@dataclass
+class SamplerConfig:
+    """How training batches are drawn: random, or HREM/DIAS neighbour sampling (k-means clusters)."""
+
+    kind: str = "random"  # random | neighbour
+    start_epoch: int = 0  # neighbour sampling switches on at this epoch
+    clusters: int = 0  # k-means clusters over image embeddings; 0 = n_images // images_per_cluster
+    clusters_per_batch: int = 16  # P
+    images_per_cluster: int = 8  # K (batch = P * K images, one caption each)
+    refresh_epochs: int = 1  # re-cluster every this many epochs
 
 
 @dataclass
@@ -108,6 +160,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision, only where CUDA is present
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     keep_last: int = 2  # step checkpoints to keep besides best
+    checkpoint_every_steps: int | None = None  # also checkpoint mid-epoch (checkpoints always end an epoch)
 
 
 @dataclass
@@ -117,6 +170,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    hrem: HremConfig = field(default_factory=HremConfig)
+    dias: DiasConfig = field(default_factory=DiasConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,162 @@
+"""Checkpoints: weights as safetensors + config.json, training state for `--resume`.
+
+A checkpoint is a folder:
+    model.safetensors      the model's weights (no objective, no optimizer: what inference needs)
+    config.json            the fully resolved config, the method name and the itmatch version
+    tokenizer/             the tokenizer, so a checkpoint is self-contained
+    training_state.pt      optional: optimizer, scheduler, objective, position in the run, RNG states;
+                           plain tensors and numbers, loaded with weights_only=True
+Folders are written under a temporary name and renamed into place, so a killed process never leaves
+a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from itmatch import __version__
+from itmatch.config import Config, config_from_dict
+from itmatch.errors import ItmatchError
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer"
+STATE = "training_state.pt"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call `write(file)` on a temporary binary file, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temporary folder to `final`, replacing an older folder of that name."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_pretrained(model, tokenizer, cfg: Config, folder: str | Path, training_state: dict | None = None) -> Path:
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"itmatch_version": __version__})
+        meta = {"itmatch_version": __version__, "method": cfg.model.method, "config": cfg.to_dict()}
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        tokenizer.save(tmp / TOKENIZER)
+        if training_state is not None:
+            torch.save(training_state, tmp / STATE)
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_checkpoint_config(folder: str | Path) -> Config:
+    folder = Path(folder)
+    path = folder / CONFIG
+    if not path.is_file():
+        raise ItmatchError(f"not a checkpoint: {folder} has no {CONFIG}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        return config_from_dict(meta["config"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ItmatchError(f"corrupt checkpoint config {path}: {exc}") from None
+
+
+def from_pretrained(folder: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild (model, tokenizer, config) from a checkpoint folder. The model is in eval mode."""
+    from itmatch.data.text import load_tokenizer
+    from itmatch.methods.registry import build_model
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ItmatchError(f"checkpoint not found: {folder}")
+    cfg = read_checkpoint_config(folder)
+    if not (folder / WEIGHTS).is_file():
+        raise ItmatchError(f"corrupt checkpoint {folder}: {WEIGHTS} is missing")
+    tokenizer = load_tokenizer(folder / TOKENIZER)
+    model = build_model(cfg, tokenizer)
+    try:
+        state = load_file(str(folder / WEIGHTS), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ItmatchError(f"corrupt checkpoint {folder / WEIGHTS}: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ItmatchError(
+            f"checkpoint {folder} does not match its config: {' '.join(first[:2])[:300]}"
+        ) from None
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def load_training_state(folder: str | Path) -> dict:
+    path = Path(folder) / STATE
+    if not path.is_file():
+        raise ItmatchError(f"cannot resume from {folder}: it has no {STATE}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise ItmatchError(f"corrupt training state {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def capture_rng() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

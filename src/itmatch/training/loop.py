@@ -1,0 +1,319 @@
+"""The training engine shared by every method.
+
+One `Trainer` runs any registered method: it builds the model and its objective from the config,
+iterates epochs of caption-image pairs in a seed-determined order, validates on `dev` (never on
+`test`) and keeps the best checkpoint by dev rSum. Checkpoints carry the full training state, so
+`--resume latest` continues a killed run exactly where its last checkpoint left it: same batches,
+same augmentation, same random numbers, hence the same weights step for step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from itmatch.config import Config
+from itmatch.errors import ItmatchError
+from itmatch.training import checkpoint as ckpt
+from itmatch.training.data_setup import load_configured_split, resolve_data_root, take_images
+from itmatch.training.optim import build_optimizer, check_schedule, lr_multiplier, set_learning_rates
+from itmatch.training.run_log import RunLog
+
+LATEST = "LATEST"
+
+
+@dataclass
+class TrainProgress:
+    """What objectives may read about where training is (warm-ups, schedules of loss terms)."""
+
+    epoch: int = 0
+    step: int = 0
+    total_steps: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ItmatchError(f"device {name!r} requested but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ItmatchError(f"unknown device {name!r}") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    marker = Path(run_dir) / "checkpoints" / LATEST
+    if not marker.is_file():
+        raise ItmatchError(f"nothing to resume: {run_dir} has no checkpoints/{LATEST}")
+    folder = marker.parent / marker.read_text(encoding="utf-8").strip()
+    if not folder.is_dir():
+        raise ItmatchError(f"the latest checkpoint named in {marker} is missing: {folder}")
+    return folder
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: str | Path | None = None, echo: bool = True):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume_from = None
+        if resume is not None:
+            self.resume_from = latest_checkpoint(self.run_dir) if str(resume) == "latest" else Path(resume)
+        self.device = resolve_device(cfg.train.device)
+        self.echo = echo
+
+    # ------------------------------------------------------------------------------- setup
+    def _setup(self):
+        from itmatch.data.datasets import EpochSampler, PairDataset, image_transform
+        from itmatch.data.text import build_tokenizer, load_tokenizer
+        from itmatch.methods.registry import build_model, build_objective
+
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        self.data_root = resolve_data_root(cfg.data)
+        self.train_split = load_configured_split(cfg.data, cfg.data.train_split, self.data_root)
+        dev = load_configured_split(cfg.data, cfg.data.dev_split, self.data_root, check_finite=True)
+        self.dev_split = take_images(dev, cfg.data.max_dev_images)
+        if self.resume_from is not None:
+            self.tokenizer = load_tokenizer(self.resume_from / ckpt.TOKENIZER)
+        else:
+            self.tokenizer = build_tokenizer(cfg.model.text, self.train_split.captions)
+        self.model = build_model(cfg, self.tokenizer).to(self.device)
+        self.objective = build_objective(cfg).to(self.device)
+
+        transform = (image_transform(cfg.model.image.image_size, train=True, flip=cfg.model.image.hflip)
+                     if cfg.model.image.kind == "grid" else None)
+        self.dataset = PairDataset(
+            self.train_split, self.tokenizer, max_length=cfg.model.text.max_length, train=True,
+            token_noise=cfg.model.text.token_noise, region_drop=cfg.model.image.region_drop,
+            image_transform=transform, seed=cfg.train.seed,
+        )
+        self.sampler = self._build_sampler()
+        self.total_steps = 0
+        for epoch in range(cfg.train.epochs):  # batches per epoch may change (neighbour sampling)
+            self.sampler.set_epoch(epoch)
+            self.total_steps += len(self.sampler)
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        check_schedule(cfg.optim)
+        self.optimizer = build_optimizer(self.model, self.objective, cfg.optim)
+
+        self.amp_dtype = None
+        if cfg.train.amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        self.step, self.epoch, self.batch_in_epoch, self.best_rsum = 0, 0, 0, -1.0
+        if self.resume_from is not None:
+            self._load_state(self.resume_from)
+
+    def _build_sampler(self):
+        from itmatch.data.datasets import EpochSampler
+
+        sc = self.cfg.sampler
+        if sc.kind == "random":
+            return EpochSampler(len(self.dataset), self.cfg.train.seed, self.cfg.train.batch_size)
+        if sc.kind == "neighbour":
+            from itmatch.data.samplers import NeighbourBatchSampler
+
+            return NeighbourBatchSampler(
+                self.train_split.caption_to_image, self.cfg.train.seed, sc.clusters_per_batch,
+                sc.images_per_cluster, n_clusters=sc.clusters, start_epoch=sc.start_epoch)
+        raise ItmatchError(f"config key 'sampler.kind': unknown sampler {sc.kind!r} (use random, neighbour)")
+
+    def _refresh_neighbours(self) -> None:
+        """Neighbour sampling clusters the current image embeddings at the start of an epoch."""
+        needs = getattr(self.sampler, "needs_embeddings", None)
+        if needs is None or self.batch_in_epoch > 0 or not needs(self.epoch):
+            return
+        from itmatch.evaluation.encode import encode_images
+
+        was_training = self.model.training
+        self.model.eval()
+        with torch.random.fork_rng(devices=[]):
+            emb = encode_images(self.model, self.train_split, self.cfg.model, self.cfg.train.eval_batch_size,
+                                self.device)
+        self.model.train(was_training)
+        self.sampler.fit_clusters(emb.numpy(), self.epoch)
+        self.sampler.set_epoch(self.epoch)
+
+    def _load_state(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = ckpt.load_training_state(folder)
+        self.model.load_state_dict(load_file(str(folder / ckpt.WEIGHTS), device="cpu"))
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sampler") and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(state["sampler"])
+        if "scaler" in state and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch, self.best_rsum = int(state["batch_in_epoch"]), float(state["best_rsum"])
+        ckpt.restore_rng(state["rng"])
+
+    # ------------------------------------------------------------------------- checkpoints
+    def _training_state(self) -> dict:
+        return {
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else {},
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_rsum": self.best_rsum,
+            "rng": ckpt.capture_rng(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        folder = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
+        ckpt.save_pretrained(self.model, self.tokenizer, self.cfg, folder, self._training_state())
+        ckpt.atomic_write_text(folder.parent / LATEST, folder.name + "\n")
+        steps = sorted(p for p in folder.parent.glob("step-*") if p.is_dir())
+        for old in steps[: max(0, len(steps) - max(1, self.cfg.train.keep_last))]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    # -------------------------------------------------------------------------- validation
+    def validate(self) -> dict:
+        from itmatch.evaluation.encode import score_split
+        from itmatch.evaluation.protocols import evaluate_sims
+
+        sims = score_split(self.model, self.dev_split, self.tokenizer, self.cfg.model,
+                           self.cfg.train.eval_batch_size, self.device)
+        protocol = "scenes" if self.dev_split.relevance is not None else "plain"
+        report = evaluate_sims(sims, protocol, self.dev_split, dataset=str(self.cfg.data.root),
+                               split_name=self.cfg.data.dev_split)
+        return report["metrics"]
+
+    # ----------------------------------------------------------------------------- the loop
+    def _train_step(self, img_batch, txt_batch, progress: TrainProgress) -> dict:
+        if img_batch.regions is not None and not torch.isfinite(img_batch.regions).all():
+            bad = img_batch.image_index[~torch.isfinite(img_batch.regions).flatten(1).all(1)].tolist()
+            raise ItmatchError(f"NaN or inf in the region features of training images (rows {bad[:10]})")
+        img_batch, txt_batch = img_batch.to(self.device), txt_batch.to(self.device)
+        autocast = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            out = self.model(img_batch, txt_batch)
+            terms = self.objective(out, img_batch, txt_batch, progress)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise ItmatchError(f"the loss became {loss.item()} at step {self.step}: lower optim.lr or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def fit(self) -> dict:
+        self._setup()
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        log = RunLog(self.run_dir, echo=self.echo)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.line(f"method {cfg.model.method} | {n_params / 1e6:.2f}M parameters | device {self.device} | "
+                 f"{len(self.dataset)} pairs, {self.total_steps} steps in {cfg.train.epochs} epochs")
+        if self.resume_from is not None:
+            log.line(f"resumed from {self.resume_from} at step {self.step} (epoch {self.epoch + 1}, "
+                     f"batch {self.batch_in_epoch})")
+        bar = None
+        if log.interactive and self.echo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        every = cfg.train.checkpoint_every_steps
+        progress = TrainProgress(self.epoch, self.step, self.total_steps)
+        t_window, n_window = time.perf_counter(), 0
+        try:
+            while self.epoch < cfg.train.epochs and self.step < self.total_steps:
+                self.sampler.set_epoch(self.epoch)
+                self.dataset.set_epoch(self.epoch)
+                self._refresh_neighbours()
+                self.sampler.skip_batches(self.batch_in_epoch)
+                self.model.train()
+                self.objective.train()
+                # A private generator: creating the loader must not draw from the global RNG,
+                # or a resumed run would diverge from an uninterrupted one.
+                loader = torch.utils.data.DataLoader(
+                    self.dataset, batch_sampler=self.sampler, collate_fn=self.dataset.collate,
+                    num_workers=cfg.data.num_workers,
+                    generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + self.epoch))
+                for img_batch, txt_batch in loader:
+                    progress.epoch, progress.step = self.epoch, self.step
+                    epoch_progress = self.epoch + self.batch_in_epoch / max(1, len(self.sampler))
+                    set_learning_rates(self.optimizer, lr_multiplier(
+                        self.step, epoch_progress, cfg.optim, cfg.train.epochs))
+                    terms = self._train_step(img_batch, txt_batch, progress)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    n_window += len(txt_batch)
+                    if self.step % cfg.train.log_every_steps == 0 or self.step == self.total_steps:
+                        rate = n_window / max(1e-9, time.perf_counter() - t_window)
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        log.record("train", self.step, self.epoch, {**terms, "lr": lr, "samples_per_s": rate})
+                        if bar is None:
+                            log.line(f"epoch {self.epoch + 1} step {self.step}/{self.total_steps} "
+                                     f"loss {terms['loss']:.4f} lr {lr:.2e} {rate:.0f} samples/s")
+                        t_window, n_window = time.perf_counter(), 0
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{terms['loss']:.3f}", epoch=self.epoch + 1)
+                    if every and self.step % every == 0:
+                        self.save_checkpoint()
+                    if self.step >= self.total_steps:
+                        break
+                epoch_done = self.batch_in_epoch >= len(self.sampler)
+                if epoch_done:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                if epoch_done and (self.epoch % cfg.train.eval_every_epochs == 0 or self.epoch == cfg.train.epochs):
+                    self._validate_and_keep_best(log)
+                elif self.step >= self.total_steps:
+                    self._validate_and_keep_best(log)
+                self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        from itmatch.training.plots import plot_runs
+
+        plot_runs([self.run_dir], self.run_dir / "curves.png", labels=[cfg.model.method])
+        log.line(f"done: best dev rSum {self.best_rsum:.2f}; best checkpoint {self.run_dir / 'best'}")
+        log.close()
+        return {"best_rsum": self.best_rsum, "run_dir": str(self.run_dir), "steps": self.step}
+
+    def _validate_and_keep_best(self, log: RunLog) -> None:
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # validation never changes training's random numbers
+            metrics = self.validate()
+        log.record("dev", self.step, max(0, self.epoch - 1), metrics)
+        improved = metrics["rsum"] > self.best_rsum
+        log.line(f"dev after epoch {self.epoch}: rSum {metrics['rsum']:.2f} (i2t R@1 {metrics['i2t_r1']:.1f}, "
+                 f"t2i R@1 {metrics['t2i_r1']:.1f}) in {time.perf_counter() - t0:.1f}s"
+                 + (" - new best" if improved else ""))
+        if improved:
+            self.best_rsum = float(metrics["rsum"])
+            best = ckpt.save_pretrained(self.model, self.tokenizer, self.cfg, self.run_dir / "best")
+            ckpt.atomic_write_text(best / "dev_metrics.json",
+                                   json.dumps({"step": self.step, "epoch": self.epoch, **metrics}, indent=2))
