@@ -29,7 +29,7 @@ def _claim_run_dir(out: Path) -> None:
     atomic_write_text(out / MARKER, json.dumps({"started": time.time()}) + "\n")
 
 
-def run_demo(out: Path, data: Path | None = None, size: str = "default", epochs: int | None = None) -> dict:
+def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: int | None = None) -> dict:
     from itmatch.data.scenes import generate_scenes, preset_sizes
     from itmatch.evaluation.html_report import write_html_report
     from itmatch.evaluation.report import format_report, write_report
