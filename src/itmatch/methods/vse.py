@@ -48,13 +48,15 @@ def build_text_encoder(cfg: ModelConfig, tokenizer) -> nn.Module:
 class VSEModel(nn.Module):
     kind = "global"
 
-    def __init__(self, cfg: ModelConfig, tokenizer):
+    def __init__(self, cfg: ModelConfig, tokenizer, image_pool: nn.Module | None = None,
+                 text_pool: nn.Module | None = None):
+        """Methods that only change how fragments become one vector (HREM) pass their own poolers."""
         super().__init__()
         self.cfg = cfg
         self.image_encoder = build_image_encoder(cfg)
         self.text_encoder = build_text_encoder(cfg, tokenizer)
-        self.image_pool = build_pooling(cfg.pooling, cfg.gpo_pe_dim, cfg.gpo_hidden)
-        self.text_pool = build_pooling(cfg.pooling, cfg.gpo_pe_dim, cfg.gpo_hidden)
+        self.image_pool = image_pool if image_pool is not None else build_pooling(cfg.pooling, cfg.gpo_pe_dim, cfg.gpo_hidden)
+        self.text_pool = text_pool if text_pool is not None else build_pooling(cfg.pooling, cfg.gpo_pe_dim, cfg.gpo_hidden)
 
     # fragments ------------------------------------------------------------------------------
     def image_fragments(self, batch: ImageBatch) -> tuple[torch.Tensor, torch.Tensor]:

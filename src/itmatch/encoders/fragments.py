@@ -1,0 +1,41 @@
+"""Fragment-level relation modelling (HREM Sec. 3.2): self-attention among the fragments of one item.
+
+`RelationEnhancedPool` is a pooler like GPO: fragments in, one vector out. It enhances the fragments
+with a masked Transformer layer and mixes `beta * MaxK(initial) + (1 - beta) * Mean(enhanced)`
+(HREM Eq. 2); so any method becomes "HREM at the fragment level" by swapping its poolers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from itmatch.encoders.pooling import MaxKPool, MeanPool
+
+
+class FragmentSelfAttention(nn.Module):
+    """Multi-head self-attention + feed-forward (post-norm, residual) over fragments; padding masked."""
+
+    def __init__(self, dim: int, heads: int = 16, ff_dim: int = 1024, dropout: float = 0.1, layers: int = 1):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, heads, ff_dim, dropout, batch_first=True)
+        # No nested-tensor fast path: it would make padded outputs depend on the execution mode.
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(x, src_key_padding_mask=~mask)
+        return out.masked_fill(~mask.unsqueeze(-1), 0.0)
+
+
+class RelationEnhancedPool(nn.Module):
+    def __init__(self, dim: int, beta: float = 0.8, k: int = 2, heads: int = 16, ff_dim: int = 1024,
+                 dropout: float = 0.1, layers: int = 1):
+        super().__init__()
+        self.beta = beta
+        self.attention = FragmentSelfAttention(dim, heads, ff_dim, dropout, layers)
+        self.max_pool = MaxKPool(k)
+        self.avg_pool = MeanPool()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        enhanced = self.attention(x, mask)
+        return self.beta * self.max_pool(x, mask) + (1.0 - self.beta) * self.avg_pool(enhanced, mask)

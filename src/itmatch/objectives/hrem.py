@@ -1,0 +1,60 @@
+"""HREM's training objective: the instance-level relation model lives here, never in the model.
+
+Eq. 14: L(v̄, ū) + L(v, u) + L(v̄, u) + L(v, ū), plus reg_weight * L_reg (Eq. 11), where v, u
+are the global embeddings from the encoders and v̄, ū the same embeddings after the relation
+interaction over the batch graph. Before `instance_warmup_steps` only L(v, u) trains (as the
+public code's `--warmup`), so the graph is built on embeddings that already mean something.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from itmatch.config import Config
+from itmatch.data.batch import positive_mask
+from itmatch.objectives.base import RankingTerm
+from itmatch.objectives.relations.graph import AssociationGraphBuilder, relevance_regularizer
+from itmatch.objectives.relations.interaction import RelationInteraction
+from itmatch.objectives.relations.matching import fragment_matching
+from itmatch.similarity.global_sim import l2_normalize
+
+
+class HREMObjective(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        h = cfg.hrem
+        self.cfg = h
+        self.ranking = RankingTerm(cfg.loss)
+        self.graph = AssociationGraphBuilder(h.topk, h.tau, h.sigma)
+        self.interaction = RelationInteraction(h.mechanism, cfg.model.embed_dim, h.heads, h.fragment_ff,
+                                               h.dropout, h.layers)
+
+    def enhance(self, out: dict):
+        """(v̄, ū, graph): relation-enhanced embeddings of the batch, re-normalised."""
+        frags = [out["img_frag"], out["txt_frag"]]
+        if self.cfg.detach_fragments:
+            frags = [f.detach() for f in frags]
+        matching = fragment_matching(frags[0], out["img_mask"], frags[1], out["txt_mask"], self.cfg.topk)
+        graph = self.graph(out["img"], out["txt"], matching)
+        v_bar, u_bar = self.interaction(out["img"], out["txt"], graph, self.cfg.relevance_weight)
+        return l2_normalize(v_bar), l2_normalize(u_bar), graph
+
+    def forward(self, out: dict, img_batch, txt_batch, progress) -> dict:
+        positives = positive_mask(img_batch.image_index, txt_batch.image_index)
+        v, u = out["img"], out["txt"]
+        base = self.ranking(v @ u.T, positives, progress)
+        if progress.step < self.cfg.instance_warmup_steps:
+            return {"loss": base, "base": base.detach()}
+        v_bar, u_bar, graph = self.enhance(out)
+        terms = {
+            "base": base,
+            "enh_enh": self.ranking(v_bar @ u_bar.T, positives, progress),
+            "enh_base": self.ranking(v_bar @ u.T, positives, progress),
+            "base_enh": self.ranking(v @ u_bar.T, positives, progress),
+            "reg": self.cfg.reg_weight * relevance_regularizer(v, u, graph, self.cfg.sigma),
+        }
+        total = sum(terms.values())
+        logged = {k: t.detach() for k, t in terms.items()}
+        logged["graph_density"] = graph.connection.float().mean().detach()
+        return {"loss": total, **logged}

@@ -1,0 +1,1 @@
+"""Instance-level relation modules: graphs over the embeddings of a whole batch (training only)."""

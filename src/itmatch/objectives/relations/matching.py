@@ -1,0 +1,53 @@
+"""Fine-grained matching of every image with every caption of a batch, from their fragments.
+
+For all N_img x N_txt pairs at once (no loop over pairs): the region-word cosine similarities,
+each fragment's best match on the other side, their mean (HREM Eq. 7, the matching value p) and
+their top-K (Eq. 8, the matching vector q). Padding never matches and never counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class FragmentMatching:
+    p_i2t: torch.Tensor  # (N_img, N_txt): mean over regions of the best word
+    p_t2i: torch.Tensor  # (N_txt, N_img): mean over words of the best region
+    q_i2t: torch.Tensor  # (N_img, N_txt, K): top-K region maxima (0 where an image has fewer than K)
+    q_t2i: torch.Tensor  # (N_txt, N_img, K)
+
+
+def _topk_padded(values: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k along the last axis among valid entries; missing slots (fewer than k) are 0."""
+    filled = values.masked_fill(~valid, float("-inf"))
+    if filled.shape[-1] < k:
+        pad = filled.new_full((*filled.shape[:-1], k - filled.shape[-1]), float("-inf"))
+        filled = torch.cat([filled, pad], -1)
+    top = filled.topk(k, dim=-1).values
+    return top.masked_fill(torch.isinf(top), 0.0)
+
+
+def fragment_matching(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: torch.Tensor,
+                      txt_mask: torch.Tensor, k: int) -> FragmentMatching:
+    r = F.normalize(img_frag, dim=-1)  # (Ni, R, d)
+    c = F.normalize(txt_frag, dim=-1)  # (Nt, T, d)
+    ni, nr = r.shape[:2]
+    nt, nw = c.shape[:2]
+    # One matmul: (Ni*R, d) x (d, Nt*T) -> (Ni, R, Nt, T); memory Ni*R*Nt*T, never times d.
+    sim = (r.reshape(ni * nr, -1) @ c.reshape(nt * nw, -1).T).view(ni, nr, nt, nw)
+    pair_valid = img_mask[:, :, None, None] & txt_mask[None, None, :, :]
+    sim = sim.masked_fill(~pair_valid, float("-inf"))
+
+    region_best = sim.max(dim=3).values.permute(0, 2, 1)  # (Ni, Nt, R): best word per region
+    word_best = sim.max(dim=1).values.permute(1, 0, 2)  # (Nt, Ni, T): best region per word
+    rmask = img_mask[:, None, :].expand(ni, nt, nr)
+    wmask = txt_mask[:, None, :].expand(nt, ni, nw)
+    region_best = region_best.masked_fill(~rmask, 0.0)
+    word_best = word_best.masked_fill(~wmask, 0.0)
+    p_i2t = region_best.sum(-1) / img_mask.sum(1).clamp(min=1)[:, None]
+    p_t2i = word_best.sum(-1) / txt_mask.sum(1).clamp(min=1)[:, None]
+    return FragmentMatching(p_i2t, p_t2i, _topk_padded(region_best, rmask, k), _topk_padded(word_best, wmask, k))
