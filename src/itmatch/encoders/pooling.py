@@ -1,7 +1,8 @@
 """Pooling of a variable-length set of fragments (regions, grid cells, words) into one vector.
 
-Every pooler takes `x: (B, L, D)` and `mask: (B, L)` bool (True = real) and returns `(B, D)`;
-padded positions never influence the result.
+Every pooler is an `nn.Module` with `forward(x: (B, L, D), mask: (B, L) bool) -> (B, D)`, where
+True marks a real fragment. Padded positions never influence the result, and the real fragments
+need not come first: all poolers here treat a row as a *set*.
 """
 
 from __future__ import annotations
@@ -12,19 +13,46 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from itmatch.errors import ItmatchError
 
-def _lengths(mask: torch.Tensor) -> torch.Tensor:
+POOLINGS = ("gpo", "mean", "max")
+
+
+def set_sizes(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) number of real fragments per row (at least 1, so an empty row pools to zeros)."""
     return mask.sum(1).clamp(min=1)
 
 
+def sort_descending(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension descending sort with padding pushed to the end.
+
+    Returns `(sorted_x, rank_mask)`: `sorted_x[b, k, d]` is the (k+1)-th largest real value of
+    dimension d in row b, zero where rank k is beyond the row's size; `rank_mask[b, k]` says which
+    ranks are real.
+    """
+    sizes = mask.sum(1)
+    width = max(int(sizes.max()), 1) if mask.numel() else 1
+    # -inf sorts after every real value; ranks >= size are then cleared by position, not by value,
+    # so real values of -inf (or anything) stay intact.
+    filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+    sorted_x = filled.sort(dim=1, descending=True).values[:, :width]
+    rank_mask = torch.arange(width, device=x.device).unsqueeze(0) < sizes.unsqueeze(1)
+    return sorted_x.masked_fill(~rank_mask.unsqueeze(-1), 0.0), rank_mask
+
+
 class MeanPool(nn.Module):
+    """Average of the real fragments."""
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask.unsqueeze(-1).to(x.dtype)
-        return (x * m).sum(1) / _lengths(mask).unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(1) / set_sizes(mask).unsqueeze(-1).to(x.dtype)
 
 
 class MaxKPool(nn.Module):
-    """Mean of the k largest values per dimension (HREM's "max pooling" uses k=2; k=1 is the max)."""
+    """Mean of the k largest values per dimension (HREM's "max pooling" uses k=2; k=1 is the max).
+
+    A row with fewer than k fragments averages the values it has.
+    """
 
     def __init__(self, k: int = 1):
         super().__init__()
@@ -35,13 +63,19 @@ class MaxKPool(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf"))
         k = min(self.k, x.shape[1])
-        top = filled.topk(k, dim=1).values  # (B, k, D), -inf where a sample has fewer than k items
-        valid = torch.isfinite(top)
-        top = top.masked_fill(~valid, 0.0)
-        return top.sum(1) / valid.sum(1).clamp(min=1).to(x.dtype)
+        top = filled.topk(k, dim=1).values  # (B, k, D)
+        counts = mask.sum(1).clamp(max=k)
+        valid = torch.arange(k, device=x.device).unsqueeze(0) < counts.unsqueeze(1)
+        top = top.masked_fill(~valid.unsqueeze(-1), 0.0)
+        return top.sum(1) / counts.clamp(min=1).unsqueeze(-1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
 
 
 class MaxPool(MaxKPool):
+    """Per-dimension maximum of the real fragments."""
+
     def __init__(self):
         super().__init__(1)
 
@@ -60,9 +94,9 @@ class GPO(nn.Module):
     """Generalized Pooling Operator (Chen et al., VSE-infinity, CVPR 2021).
 
     Each dimension's values are sorted in descending order; a small bidirectional GRU reads the
-    positional encodings of the ranks 0..n-1 and scores each rank; the softmax of those scores
-    (temperature 0.1) weights the sorted values. The weights depend only on the number of fragments,
-    so GPO learns how to pool (mean, max, top-k or anything between) for each set size.
+    positional encodings of the ranks 0..n-1 and a linear layer scores each rank; the softmax of
+    the scores (temperature 0.1) weights the sorted values. The weights depend only on the set size
+    n, so GPO learns how to pool (mean, max, top-k or anything between) for each size.
     """
 
     def __init__(self, pe_dim: int = 32, hidden: int = 32, temperature: float = 0.1):
@@ -71,45 +105,40 @@ class GPO(nn.Module):
         self.gru = nn.GRU(pe_dim, hidden, batch_first=True, bidirectional=True)
         self.score = nn.Linear(hidden, 1, bias=False)
 
-    def rank_weights(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-        """(B, max_len) softmax weights over ranks; zero beyond each sample's length.
+    def rank_weights(self, sizes: torch.Tensor, width: int) -> torch.Tensor:
+        """(B, width) softmax weights over ranks for sets of the given sizes; zero beyond each size.
 
-        The weights depend on the length alone, so the GRU runs once per distinct length in the
-        batch (a few dozen at most) instead of once per sample.
+        The weights depend on the size alone, so the GRU runs once per distinct size in the batch
+        (a few dozen at most), packed so that each size sees exactly its own n ranks.
         """
-        distinct, inverse = torch.unique(lengths, return_inverse=True)
-        return self._weights_for_lengths(distinct, max_len)[inverse]
-
-    def _weights_for_lengths(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-        pe = positional_encoding(max_len, self.pe_dim, lengths.device).unsqueeze(0).expand(len(lengths), -1, -1)
-        packed = pack_padded_sequence(pe, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        distinct, inverse = torch.unique(sizes, return_inverse=True)
+        pe = positional_encoding(width, self.pe_dim, sizes.device).unsqueeze(0).expand(len(distinct), -1, -1)
+        packed = pack_padded_sequence(pe, distinct.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=max_len)
-        out = (out[..., : self.hidden] + out[..., self.hidden :]) / 2  # average the two directions
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=width)
+        out = (out[..., : self.hidden] + out[..., self.hidden:]) / 2  # average the two directions
         scores = self.score(out).squeeze(-1)
-        valid = torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
-        scores = scores.masked_fill(~valid, float("-inf"))
-        return torch.softmax(scores / self.temperature, dim=1)
+        real = torch.arange(width, device=sizes.device).unsqueeze(0) < distinct.unsqueeze(1)
+        scores = scores.masked_fill(~real, float("-inf"))
+        return torch.softmax(scores / self.temperature, dim=1)[inverse]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, return_weights: bool = False):
-        lengths = _lengths(mask)
-        max_len = int(lengths.max())
-        x, mask = x[:, :max_len], mask[:, :max_len]
-        # Padding sorts last (-inf), then becomes 0 so that it contributes nothing.
-        sorted_x = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).sort(dim=1, descending=True).values
-        sorted_x = sorted_x.masked_fill(torch.isinf(sorted_x), 0.0)
-        weights = self.rank_weights(lengths, max_len).to(x.dtype)
+        """Pooled `(B, D)`; with `return_weights`, also the `(B, n_max)` weights over ranks."""
+        sorted_x, _ = sort_descending(x, mask)
+        weights = self.rank_weights(set_sizes(mask), sorted_x.shape[1]).to(x.dtype)
         pooled = (sorted_x * weights.unsqueeze(-1)).sum(1)
         return (pooled, weights) if return_weights else pooled
 
+    def extra_repr(self) -> str:
+        return f"pe_dim={self.pe_dim}, hidden={self.hidden}, temperature={self.temperature}"
+
 
 def build_pooling(name: str, pe_dim: int = 32, hidden: int = 32, k: int = 1) -> nn.Module:
-    from itmatch.errors import ItmatchError
-
+    """The pooler named by `model.pooling`."""
     if name == "gpo":
         return GPO(pe_dim, hidden)
     if name == "mean":
         return MeanPool()
     if name == "max":
         return MaxKPool(k)
-    raise ItmatchError(f"config key 'model.pooling': unknown pooling {name!r} (use gpo, mean, max)")
+    raise ItmatchError(f"config key 'model.pooling': unknown pooling {name!r} (use {', '.join(POOLINGS)})")

@@ -1,9 +1,12 @@
 """Symmetric InfoNCE with positives from image ids.
 
-Each positive pair (i, c) is a classification of c among the row's captions and of i among the
-column's images. Other positives of the same row or column are removed from the denominator, so a
-second caption of the same image is never pushed away from its image (the mistake of plain
-diagonal InfoNCE on batches with repeated images).
+Each positive pair (r, c) is one classification in each direction: caption c among the captions of
+row r, and image r among the images of column c, with logits `sims / temperature`. The *other*
+positives of that row or column are removed from the denominator, so a second caption of the same
+image is neither pushed away from its image nor counted as a competitor (the mistake of diagonal
+InfoNCE on batches with repeated images). The loss is the mean over positive pairs of each
+direction, averaged over the two directions; with one positive per row and column it is exactly
+CLIP's loss.
 """
 
 from __future__ import annotations
@@ -13,25 +16,38 @@ import math
 import torch
 from torch import nn
 
+MAX_SCALE = 100.0  # CLIP's clamp on a learnable logit scale (temperature >= 0.01)
+
 
 class InfoNCE(nn.Module):
     def __init__(self, temperature: float = 0.05, learnable: bool = False):
         super().__init__()
+        if temperature <= 0:
+            raise ValueError("InfoNCE temperature must be > 0")
         log_scale = torch.tensor(math.log(1.0 / temperature))
+        self.learnable = learnable
         if learnable:
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
 
+    @property
+    def temperature(self) -> float:
+        return float(1.0 / self.scale().detach())
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=MAX_SCALE)
+
     def forward(self, sims: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-        logits = sims * self.log_scale.exp().clamp(max=100.0)
+        logits = sims * self.scale()
         pos_r, pos_c = positives.nonzero(as_tuple=True)
-        target = logits[pos_r, pos_c]
-        # row of image pos_r, with the other positives of that row masked out
-        row = logits[pos_r].masked_fill(positives[pos_r], float("-inf"))
-        row = torch.cat([row, target[:, None]], 1)
-        col = logits[:, pos_c].T.masked_fill(positives[:, pos_c].T, float("-inf"))
-        col = torch.cat([col, target[:, None]], 1)
-        loss_i2t = torch.logsumexp(row, 1) - target
-        loss_t2i = torch.logsumexp(col, 1) - target
+        target = logits[pos_r, pos_c].unsqueeze(1)
+        # Row of image pos_r (column of caption pos_c) without any positive, then the anchor's own logit.
+        row = torch.cat([logits[pos_r].masked_fill(positives[pos_r], float("-inf")), target], 1)
+        col = torch.cat([logits[:, pos_c].T.masked_fill(positives[:, pos_c].T, float("-inf")), target], 1)
+        loss_i2t = torch.logsumexp(row, 1) - target.squeeze(1)
+        loss_t2i = torch.logsumexp(col, 1) - target.squeeze(1)
         return (loss_i2t.mean() + loss_t2i.mean()) / 2
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature:.4g}, learnable={self.learnable}"

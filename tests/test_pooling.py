@@ -1,0 +1,189 @@
+"""Poolers (GPO, mean, max, max-k) against slow per-sample references written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from itmatch.encoders.pooling import GPO, MaxKPool, MaxPool, MeanPool, build_pooling, positional_encoding
+from itmatch.errors import ItmatchError
+
+
+def ragged(b=6, max_len=9, d=5, seed=0):
+    """Random fragments with variable set sizes (1..max_len, one row full, one of size 1)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, max_len + 1, (b,), generator=g)
+    sizes[0], sizes[1] = max_len, 1
+    x = torch.randn(b, max_len, d, generator=g)
+    mask = torch.arange(max_len)[None] < sizes[:, None]
+    return x, mask, sizes
+
+
+def scatter_padding(x, mask, extra=4, seed=1):
+    """The same sets with `extra` more padded rows per sample, every padded row holding a large value
+    (it would win any max or sort it took part in), and real and padded rows shuffled together."""
+    g = torch.Generator().manual_seed(seed)
+    b, length, d = x.shape
+    big_x = torch.cat([x, torch.zeros(b, extra, d)], 1)
+    big_mask = torch.cat([mask, torch.zeros(b, extra, dtype=torch.bool)], 1)
+    big_x[~big_mask] = 7e3
+    perm = torch.stack([torch.randperm(length + extra, generator=g) for _ in range(b)])
+    return torch.gather(big_x, 1, perm[..., None].expand(-1, -1, d)), torch.gather(big_mask, 1, perm)
+
+
+# ------------------------------------------------------------------- independent references
+def reference_pe(n, dim):
+    """sin/cos encoding, written out per position and channel."""
+    pe = torch.zeros(n, dim, dtype=torch.float64)
+    for pos in range(n):
+        for i in range(0, dim, 2):
+            angle = pos / (10000 ** (i / dim))
+            pe[pos, i] = math.sin(angle)
+            if i + 1 < dim:
+                pe[pos, i + 1] = math.cos(angle)
+    return pe
+
+
+def reference_gru_direction(gru, seq, suffix):
+    """GRU equations step by step for one direction of layer 0 (float64)."""
+    w_ih = getattr(gru, f"weight_ih_l0{suffix}").double()
+    w_hh = getattr(gru, f"weight_hh_l0{suffix}").double()
+    b_ih = getattr(gru, f"bias_ih_l0{suffix}").double()
+    b_hh = getattr(gru, f"bias_hh_l0{suffix}").double()
+    hidden = w_hh.shape[1]
+    h = torch.zeros(hidden, dtype=torch.float64)
+    outs = []
+    for x in seq:
+        gi, gh = w_ih @ x + b_ih, w_hh @ h + b_hh
+        r = torch.sigmoid(gi[:hidden] + gh[:hidden])
+        z = torch.sigmoid(gi[hidden:2 * hidden] + gh[hidden:2 * hidden])
+        n = torch.tanh(gi[2 * hidden:] + r * gh[2 * hidden:])
+        h = (1 - z) * n + z * h
+        outs.append(h)
+    return torch.stack(outs)
+
+
+def gpo_reference(gpo: GPO, x, mask):
+    """Per sample: its real rows only, each dimension sorted, GRU run on exactly n ranks."""
+    out, weights = [], []
+    for b in range(x.shape[0]):
+        items = x[b][mask[b]].double()
+        n, d = items.shape
+        sorted_items = torch.stack([items[:, j].sort(descending=True).values for j in range(d)], 1)
+        pe = reference_pe(n, gpo.pe_dim)
+        fwd = reference_gru_direction(gpo.gru, pe, "")
+        bwd = reference_gru_direction(gpo.gru, pe.flip(0), "_reverse").flip(0)
+        scores = ((fwd + bwd) / 2) @ gpo.score.weight.double()[0]
+        w = torch.softmax(scores / 0.1, 0)
+        out.append((sorted_items * w[:, None]).sum(0))
+        weights.append(w)
+    return torch.stack(out).float(), weights
+
+
+# ---------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("dim", [8, 7])
+def test_positional_encoding_matches_formula(dim):
+    torch.testing.assert_close(positional_encoding(11, dim), reference_pe(11, dim).float())
+
+
+def test_gpo_matches_slow_reference_with_variable_lengths():
+    torch.manual_seed(0)
+    gpo = GPO(pe_dim=8, hidden=6)
+    x, mask, sizes = ragged()
+    with torch.no_grad():
+        got, weights = gpo(x, mask, return_weights=True)
+    ref, ref_weights = gpo_reference(gpo, x, mask)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert weights.shape == (len(x), int(sizes.max()))
+    for b, w in enumerate(ref_weights):
+        n = int(sizes[b])
+        torch.testing.assert_close(weights[b, :n], w.float(), rtol=1e-5, atol=1e-6)
+        assert (weights[b, n:] == 0).all()
+    torch.testing.assert_close(weights.sum(1), torch.ones(len(x)))
+    # A set of one fragment pools to that fragment.
+    torch.testing.assert_close(got[1], x[1, 0])
+
+
+def test_gpo_ignores_padding_and_the_order_of_fragments():
+    torch.manual_seed(1)
+    gpo = GPO(pe_dim=8, hidden=6)
+    x, mask, _ = ragged(seed=3)
+    with torch.no_grad():
+        base = gpo(x, mask)
+        big_x, big_mask = scatter_padding(x, mask)
+        torch.testing.assert_close(gpo(big_x, big_mask), base, rtol=1e-5, atol=1e-5)
+        # Each sample alone, unpadded, gives the same vector as inside the padded batch.
+        for b in range(len(x)):
+            alone = gpo(x[b:b + 1, mask[b]], torch.ones(1, int(mask[b].sum()), dtype=torch.bool))
+            torch.testing.assert_close(alone[0], base[b], rtol=1e-5, atol=1e-5)
+
+
+def test_gpo_gradients_reach_fragments_and_gru():
+    torch.manual_seed(2)
+    gpo = GPO(pe_dim=8, hidden=6)
+    x, mask, _ = ragged()
+    x.requires_grad_(True)
+    gpo(x, mask).sum().backward()
+    assert x.grad[mask].abs().sum() > 0
+    assert (x.grad[~mask] == 0).all()  # padding gets no gradient
+    assert gpo.gru.weight_ih_l0.grad.abs().sum() > 0
+    assert gpo.score.weight.grad.abs().sum() > 0
+
+
+def test_gpo_with_all_sizes_equal_runs_one_sequence_and_matches_reference():
+    gpo = GPO(pe_dim=4, hidden=3)
+    x = torch.randn(3, 5, 2)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    with torch.no_grad():
+        got, w = gpo(x, mask, return_weights=True)
+    torch.testing.assert_close(w[0], w[2])
+    torch.testing.assert_close(got, gpo_reference(gpo, x, mask)[0], rtol=1e-5, atol=1e-5)
+
+
+def loop_maxk(x, mask, k):
+    out = []
+    for b in range(x.shape[0]):
+        items = x[b][mask[b]]
+        cols = []
+        for j in range(x.shape[2]):
+            vals = sorted(items[:, j].tolist(), reverse=True)[:k]
+            cols.append(sum(vals) / len(vals))
+        out.append(cols)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 20])
+def test_maxk_pool_matches_loop_and_ignores_padding(k):
+    x, mask, _ = ragged(seed=4)
+    got = MaxKPool(k)(x, mask)
+    torch.testing.assert_close(got, loop_maxk(x, mask, k))
+    big_x, big_mask = scatter_padding(x, mask)
+    torch.testing.assert_close(MaxKPool(k)(big_x, big_mask), got)
+
+
+def test_max_and_mean_pool_match_loops():
+    x, mask, _ = ragged(seed=5)
+    torch.testing.assert_close(MaxPool()(x, mask), loop_maxk(x, mask, 1))
+    mean = torch.stack([x[b][mask[b]].mean(0) for b in range(len(x))])
+    torch.testing.assert_close(MeanPool()(x, mask), mean)
+    big_x, big_mask = scatter_padding(x, mask)
+    torch.testing.assert_close(MeanPool()(big_x, big_mask), mean)
+
+
+def test_empty_rows_pool_to_zero_without_nan():
+    x = torch.randn(2, 3, 4)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    for pool in (GPO(4, 3), MeanPool(), MaxKPool(2)):
+        out = pool(x, mask)
+        assert torch.isfinite(out).all()
+        assert (out[1] == 0).all()
+
+
+def test_build_pooling_names():
+    assert isinstance(build_pooling("gpo", 8, 4), GPO)
+    assert isinstance(build_pooling("mean"), MeanPool)
+    assert build_pooling("max", k=2).k == 2
+    with pytest.raises(ItmatchError, match="model.pooling"):
+        build_pooling("attention")
