@@ -1,68 +1,128 @@
-"""Neighbour batch sampling: k-means, batch composition, determinism and exact resume."""
+"""Neighbour batch sampling (HREM Sec. 3.4): k-means, batch composition, coverage, determinism, resume."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pytest
 import torch
 
-from itmatch.data.samplers import NeighbourBatchSampler, kmeans
+from itmatch.data.datasets import EpochSampler
+from itmatch.data.samplers import NeighbourBatchSampler, kmeans, merge_small_clusters
+from itmatch.errors import ItmatchError
 
 
 def clustered_embeddings(n_clusters=6, per=20, dim=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.nn.functional.normalize(torch.randn(n_clusters, dim, generator=g), dim=1)
     points = centres.repeat_interleave(per, 0) + 0.05 * torch.randn(n_clusters * per, dim, generator=g)
-    return points, torch.arange(n_clusters).repeat_interleave(per)
+    order = torch.randperm(len(points), generator=g)  # clusters interleaved, not in blocks of rows
+    return points[order], torch.arange(n_clusters).repeat_interleave(per)[order]
 
 
-def test_kmeans_recovers_well_separated_clusters():
+def same_partition(a, b) -> bool:
+    pairs = {(int(x), int(y)) for x, y in zip(a, b)}
+    return len(pairs) == len({x for x, _ in pairs}) == len({y for _, y in pairs})
+
+
+def test_kmeans_recovers_well_separated_clusters_deterministically():
     x, truth = clustered_embeddings()
     labels = kmeans(x, 6, seed=0)
-    # Same partition up to renaming: every true cluster maps to one label and vice versa.
-    pairs = {(int(a), int(b)) for a, b in zip(truth, labels)}
-    assert len(pairs) == 6 and len({a for a, _ in pairs}) == 6 and len({b for _, b in pairs}) == 6
+    assert same_partition(truth, labels)
     torch.testing.assert_close(labels, kmeans(x, 6, seed=0))
 
 
-def make_sampler(start_epoch=1):
-    caption_to_image = np.repeat(np.arange(120), 5)
-    return NeighbourBatchSampler(caption_to_image, seed=3, clusters_per_batch=2, images_per_cluster=4,
-                                 n_clusters=6, start_epoch=start_epoch), caption_to_image
+def test_small_clusters_merge_into_their_nearest_neighbour():
+    x, truth = clustered_embeddings(n_clusters=3, per=10)
+    labels = truth.clone()
+    tiny = int(torch.nonzero(truth == 2)[0])  # cut one point of cluster 2 off as a cluster of its own
+    labels[tiny] = 3
+    merged = merge_small_clusters(x, labels, min_size=4)
+    assert same_partition(truth, merged)  # the lone point went back to its true cluster
+    assert int(merged.max()) == 2  # renumbered 0..C-1
+    assert (merge_small_clusters(x, labels, min_size=100) == 0).all()  # none big enough: one cluster
+
+
+C2I = np.repeat(np.arange(120), 5)  # 120 images, 5 captions each
+
+
+def make_sampler(start_epoch=1, seed=3):
+    return NeighbourBatchSampler(C2I, seed=seed, clusters_per_batch=2, images_per_cluster=4, n_clusters=6,
+                                 start_epoch=start_epoch)
+
+
+def fitted(start_epoch=1):
+    x, truth = clustered_embeddings()
+    sampler = make_sampler(start_epoch)
+    sampler.set_epoch(start_epoch)
+    assert sampler.needs_embeddings(start_epoch)
+    sampler.fit_clusters(x.numpy(), start_epoch)
+    sampler.set_epoch(start_epoch)
+    return sampler, truth
+
+
+def test_random_epochs_before_start_epoch_and_before_clustering():
+    sampler = make_sampler(start_epoch=1)
+    sampler.set_epoch(0)
+    assert not sampler.needs_embeddings(0)
+    reference = EpochSampler(len(C2I), 3, 8)
+    reference.set_epoch(0)
+    assert list(sampler) == list(reference)  # exactly the random epoch sampler, batch P*K
+    sampler.set_epoch(1)
+    assert sampler.needs_embeddings(1) and list(sampler) != []  # still random until clusters exist
 
 
 def test_batches_come_from_few_clusters_one_caption_per_image():
-    sampler, c2i = make_sampler()
-    x, truth = clustered_embeddings()
-    sampler.set_epoch(0)
-    assert not sampler.needs_embeddings(0)
-    random_batches = list(sampler)
-    assert len(random_batches) == len(c2i) // 8  # random phase: batches of P*K captions
-    sampler.set_epoch(1)
-    assert sampler.needs_embeddings(1)
-    sampler.fit_clusters(x.numpy(), 1)
-    sampler.set_epoch(1)
+    sampler, truth = fitted()
     batches = list(sampler)
     assert len(batches) == len(sampler) > 0
-    seen = []
+    used = []
     for batch in batches:
-        images = c2i[batch]
-        assert len(batch) == 8 and len(set(images)) == 8  # no image twice in a batch
-        assert len({int(truth[i]) for i in images}) <= 2  # P = 2 clusters
-        seen += images.tolist()
-    assert len(seen) == len(set(seen))  # each image at most once per epoch
+        images = C2I[batch]
+        assert len(batch) == 8 and len(set(images.tolist())) == 8  # P*K pairs, no image twice
+        clusters = [int(truth[i]) for i in images]
+        assert len(set(clusters)) <= 2  # P = 2 clusters ...
+        for c in set(clusters):
+            assert clusters.count(c) % 4 == 0  # ... of K = 4 images each
+        used += batch
+    assert len(used) == len(set(used))  # each caption at most once per epoch
+    # Each round covers every image once; 20 images per cluster split into K=4 exactly: all 600 captions.
+    assert len(used) == len(C2I)
 
 
-def test_neighbour_sampler_is_deterministic_and_resumable():
-    x, _ = clustered_embeddings()
-    a, _ = make_sampler()
-    a.set_epoch(1)
-    a.fit_clusters(x.numpy(), 1)
-    a.set_epoch(1)
+def test_neighbour_sampler_is_deterministic_and_resumes_from_its_state():
+    a, _ = fitted()
     full = list(a)
-    b, _ = make_sampler()
-    b.load_state_dict(a.state_dict())
+    again, _ = fitted()
+    assert list(again) == full  # same seed, same embeddings: same clusters and batches
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)  # the loop saves sampler state in a weights_only checkpoint
+    buffer.seek(0)
+    b = make_sampler()
+    b.load_state_dict(torch.load(buffer, weights_only=True))
+    assert not b.needs_embeddings(1)  # labels restored: no re-clustering on resume
     b.set_epoch(1)
     b.skip_batches(3)
     assert list(b) == full[3:]
     a.set_epoch(2)
+    assert a.needs_embeddings(2)  # refresh_epochs=1: re-cluster every epoch
     assert list(a) != full  # a new epoch draws new batches
+    other = make_sampler(seed=4)
+    other.load_state_dict(a.state_dict())
+    other.set_epoch(1)
+    assert list(other) != full  # and so does another seed
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ItmatchError):
+        NeighbourBatchSampler(np.array([], dtype=np.int64), 0, 2, 4)
+    with pytest.raises(ItmatchError):
+        NeighbourBatchSampler(C2I, 0, 0, 4)
+    sampler = make_sampler()
+    with pytest.raises(ItmatchError, match="120 training images"):
+        sampler.fit_clusters(np.zeros((7, 16), np.float32), 1)
+    with pytest.raises(ItmatchError, match="NaN"):
+        sampler.fit_clusters(np.full((120, 16), np.nan, np.float32), 1)
+    with pytest.raises(ItmatchError, match="same data"):
+        sampler.load_state_dict({"labels": torch.zeros(5, dtype=torch.long), "fitted_epoch": 1})

@@ -93,6 +93,9 @@ class HremConfig:
     reg_weight: float = 10.0  # weight of L_reg (Eq. 11)
     instance_warmup_steps: int = 8000  # instance-level terms switch on after this many steps
     detach_fragments: bool = True  # fragment matching p on detached fragments, as the public code does
+    # region-word scores behind p and q (Eq. 7-8): scan = LeakyReLU(0.1) + SCAN l2 norm (public code),
+    # cosine = Eq. 7 literally on cosines
+    matching: str = "scan"
 
 
 @dataclass
@@ -116,7 +119,7 @@ class SamplerConfig:
 
     kind: str = "random"  # random | neighbour
     start_epoch: int = 0  # neighbour sampling switches on at this epoch
-    clusters: int = 0  # k-means clusters over image embeddings; 0 = n_images // images_per_cluster
+    clusters: int = 0  # k-means clusters over image embeddings; 0 = n_images // (P * K), a batch per cluster
     clusters_per_batch: int = 16  # P
     images_per_cluster: int = 8  # K (batch = P * K images, one caption each)
     refresh_epochs: int = 1  # re-cluster every this many epochs

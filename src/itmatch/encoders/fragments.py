@@ -18,16 +18,21 @@ class FragmentSelfAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int = 16, ff_dim: int = 1024, dropout: float = 0.1, layers: int = 1):
         super().__init__()
-        layer = nn.TransformerEncoderLayer(dim, heads, ff_dim, dropout, batch_first=True)
-        # No nested-tensor fast path: it would make padded outputs depend on the execution mode.
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        # layers=0 is the ablation without fragment-level relations (Tab. 3a): fragments pass unchanged.
+        self.encoder = None
+        if layers > 0:
+            layer = nn.TransformerEncoderLayer(dim, heads, ff_dim, dropout, batch_first=True)
+            # No nested-tensor fast path: it would make padded outputs depend on the execution mode.
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.encoder(x, src_key_padding_mask=~mask)
+        out = x if self.encoder is None else self.encoder(x, src_key_padding_mask=~mask)
         return out.masked_fill(~mask.unsqueeze(-1), 0.0)
 
 
 class RelationEnhancedPool(nn.Module):
+    """HREM Eq. 2-3: `beta * MaxK(initial fragments) + (1 - beta) * Mean(enhanced fragments)`."""
+
     def __init__(self, dim: int, beta: float = 0.8, k: int = 2, heads: int = 16, ff_dim: int = 1024,
                  dropout: float = 0.1, layers: int = 1):
         super().__init__()

@@ -8,7 +8,6 @@ public code's `--warmup`), so the graph is built on embeddings that already mean
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from itmatch.config import Config
@@ -27,7 +26,8 @@ class HREMObjective(nn.Module):
         self.cfg = h
         self.ranking = RankingTerm(cfg.loss)
         self.graph = AssociationGraphBuilder(h.topk, h.tau, h.sigma)
-        self.interaction = RelationInteraction(h.mechanism, cfg.model.embed_dim, h.heads, h.fragment_ff,
+        # Feed-forward width = embedding width, as the public code's instance-level Transformer.
+        self.interaction = RelationInteraction(h.mechanism, cfg.model.embed_dim, h.heads, cfg.model.embed_dim,
                                                h.dropout, h.layers)
 
     def enhance(self, out: dict):
@@ -35,7 +35,8 @@ class HREMObjective(nn.Module):
         frags = [out["img_frag"], out["txt_frag"]]
         if self.cfg.detach_fragments:
             frags = [f.detach() for f in frags]
-        matching = fragment_matching(frags[0], out["img_mask"], frags[1], out["txt_mask"], self.cfg.topk)
+        matching = fragment_matching(frags[0], out["img_mask"], frags[1], out["txt_mask"], self.cfg.topk,
+                                     self.cfg.matching)
         graph = self.graph(out["img"], out["txt"], matching)
         v_bar, u_bar = self.interaction(out["img"], out["txt"], graph, self.cfg.relevance_weight)
         return l2_normalize(v_bar), l2_normalize(u_bar), graph

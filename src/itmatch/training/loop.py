@@ -133,7 +133,8 @@ class Trainer:
 
             return NeighbourBatchSampler(
                 self.train_split.caption_to_image, self.cfg.train.seed, sc.clusters_per_batch,
-                sc.images_per_cluster, n_clusters=sc.clusters, start_epoch=sc.start_epoch)
+                sc.images_per_cluster, n_clusters=sc.clusters, start_epoch=sc.start_epoch,
+                refresh_epochs=sc.refresh_epochs)
         raise ItmatchError(f"config key 'sampler.kind': unknown sampler {sc.kind!r} (use random, neighbour)")
 
     def _refresh_neighbours(self) -> None:

@@ -50,7 +50,10 @@ def connection_matrix(v: torch.Tensor, u: torch.Tensor, m: FragmentMatching, tau
 
 
 def gaussian_relevance(a: torch.Tensor, b: torch.Tensor, sigma: float) -> torch.Tensor:
-    return torch.exp(-torch.cdist(a, b).pow(2) / sigma)
+    """exp(-||a_i - b_j||^2 / sigma) (Eq. 10). Squared distances from dot products: unlike `cdist`,
+    their gradient is defined where a_i == b_j (the diagonal of S_I->I)."""
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+    return torch.exp(-sq.clamp(min=0.0) / sigma)
 
 
 class RelevanceMLP(nn.Module):
@@ -81,13 +84,17 @@ class AssociationGraphBuilder(nn.Module):
 
 
 def relevance_regularizer(v: torch.Tensor, u: torch.Tensor, graph: AssociationGraph, sigma: float) -> torch.Tensor:
-    """Eq. 11: KL(softmax(S^g) || softmax(S)) per row, both directions; S^g from global embeddings.
+    """Eq. 11: L_kl(S, S^g) = KL(softmax(S) || softmax(S^g)) per row, averaged over rows, both directions.
 
-    The global-embedding relevance is the (detached) target, so this term trains the relevance MLPs
-    and the fragments behind p, never pulls the global embeddings towards the learned relation.
+    S^g, the relevance of the global embeddings (Eq. 10 across modalities), is a detached guide: this
+    term trains the relevance MLPs (and, without `detach_fragments`, the fragments behind p); it never
+    pulls the global embeddings towards the learned relation. The argument order is the paper's and
+    also what the public code computes (`F.kl_div(log softmax(S^g), softmax(S))`).
     """
-    target_i2t = F.softmax(gaussian_relevance(v, u, sigma).detach(), dim=1)
-    target_t2i = F.softmax(gaussian_relevance(u, v, sigma).detach(), dim=1)
-    kl_i2t = F.kl_div(F.log_softmax(graph.s_i2t, dim=1), target_i2t, reduction="batchmean")
-    kl_t2i = F.kl_div(F.log_softmax(graph.s_t2i, dim=1), target_t2i, reduction="batchmean")
-    return kl_i2t + kl_t2i
+    loss = v.new_zeros(())
+    pairs = ((graph.s_i2t, gaussian_relevance(v, u, sigma)), (graph.s_t2i, gaussian_relevance(u, v, sigma)))
+    for learned, guide in pairs:
+        log_p = F.log_softmax(learned, dim=1)
+        log_g = F.log_softmax(guide.detach(), dim=1)
+        loss = loss + (log_p.exp() * (log_p - log_g)).sum(1).mean()
+    return loss

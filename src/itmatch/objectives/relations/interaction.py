@@ -30,7 +30,7 @@ class BiasedAttentionBlock(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # The batch of embeddings is one sequence: (1, N, d).
-        out, _ = self.attn(query[None], key[None], key[None], attn_mask=bias, need_weights=False)
+        out, _ = self.attn(query[None], key[None], key[None], attn_mask=bias.to(query.dtype), need_weights=False)
         return self.norm(query + self.drop(out[0]))
 
 

@@ -3,6 +3,10 @@
 For all N_img x N_txt pairs at once (no loop over pairs): the region-word cosine similarities,
 each fragment's best match on the other side, their mean (HREM Eq. 7, the matching value p) and
 their top-K (Eq. 8, the matching vector q). Padding never matches and never counts.
+
+`scores="scan"` (default, as HREM's public code) passes the cosines through LeakyReLU(0.1) and an
+l2 normalisation across the fragments being matched *to* (SCAN's attention normalisation) before
+taking maxima; `scores="cosine"` takes Eq. 7 literally on the cosines.
 """
 
 from __future__ import annotations
@@ -11,6 +15,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from itmatch.errors import ItmatchError
+
+SCORES = ("scan", "cosine")
 
 
 @dataclass
@@ -31,19 +39,32 @@ def _topk_padded(values: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Ten
     return top.masked_fill(torch.isinf(top), 0.0)
 
 
+def _masked_max(sim: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tensor:
+    return sim.masked_fill(~valid, float("-inf")).amax(dim=dim)
+
+
 def fragment_matching(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: torch.Tensor,
-                      txt_mask: torch.Tensor, k: int) -> FragmentMatching:
+                      txt_mask: torch.Tensor, k: int, scores: str = "scan") -> FragmentMatching:
+    """p and q of Eq. 7-8 for every (image, caption) pair of two fragment batches."""
+    if scores not in SCORES:
+        raise ItmatchError(f"config key 'hrem.matching': unknown {scores!r} (use {', '.join(SCORES)})")
     r = F.normalize(img_frag, dim=-1)  # (Ni, R, d)
     c = F.normalize(txt_frag, dim=-1)  # (Nt, T, d)
     ni, nr = r.shape[:2]
     nt, nw = c.shape[:2]
     # One matmul: (Ni*R, d) x (d, Nt*T) -> (Ni, R, Nt, T); memory Ni*R*Nt*T, never times d.
     sim = (r.reshape(ni * nr, -1) @ c.reshape(nt * nw, -1).T).view(ni, nr, nt, nw)
-    pair_valid = img_mask[:, :, None, None] & txt_mask[None, None, :, :]
-    sim = sim.masked_fill(~pair_valid, float("-inf"))
-
-    region_best = sim.max(dim=3).values.permute(0, 2, 1)  # (Ni, Nt, R): best word per region
-    word_best = sim.max(dim=1).values.permute(1, 0, 2)  # (Nt, Ni, T): best region per word
+    valid = img_mask[:, :, None, None] & txt_mask[None, None, :, :]
+    if scores == "scan":
+        sim = F.leaky_relu(sim, 0.1).masked_fill(~valid, 0.0)
+        # Best word of each region: the scores of a word are normalised across the image's regions.
+        to_regions = F.normalize(sim, dim=1)
+        # Best region of each word: the scores of a region are normalised across the caption's words.
+        to_words = F.normalize(sim, dim=3)
+    else:
+        to_regions = to_words = sim
+    region_best = _masked_max(to_regions, valid, dim=3).permute(0, 2, 1)  # (Ni, Nt, R)
+    word_best = _masked_max(to_words, valid, dim=1).permute(1, 0, 2)  # (Nt, Ni, T)
     rmask = img_mask[:, None, :].expand(ni, nt, nr)
     wmask = txt_mask[:, None, :].expand(nt, ni, nw)
     region_best = region_best.masked_fill(~rmask, 0.0)
