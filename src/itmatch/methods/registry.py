@@ -2,10 +2,13 @@
 
     @register_method("vse")
     class VSE:
-        build_model(cfg, tokenizer) -> nn.Module   (encode_image, encode_text, similarity, kind)
-        build_objective(cfg) -> nn.Module          (returns a dict of named loss terms with "loss")
+        @staticmethod
+        def build_model(cfg: Config, tokenizer) -> nn.Module: ...   # encode_image, encode_text, similarity, kind
+        @staticmethod
+        def build_objective(cfg: Config) -> nn.Module: ...          # dict of named loss terms with "loss"
 
-`loss.regularizers` (e.g. [dias]) wraps any method's objective with extra terms.
+Any object with those two callables may be registered (a class, an instance, a module-like
+namespace). `loss.regularizers` (e.g. [dias]) wraps any method's objective with extra terms.
 """
 
 from __future__ import annotations
@@ -16,15 +19,24 @@ from torch import nn
 
 from itmatch.errors import ItmatchError
 
-_METHODS: dict[str, type] = {}
-# Modules that register methods when imported; listed here so `build_model("hrem")` needs no import.
+_METHODS: dict[str, object] = {}
+# Modules that register methods when imported; listed here so `build_model` needs no import first.
+# A module that does not exist yet is skipped; an import error inside an existing one is raised.
 _METHOD_MODULES = ("itmatch.methods.vse", "itmatch.methods.hrem", "itmatch.methods.dias")
 
 
 def register_method(name: str):
-    def wrap(cls):
-        _METHODS[name] = cls
-        return cls
+    """Class/object decorator: make `name` buildable by `build_model` / `build_objective`."""
+
+    def wrap(builder):
+        for attr in ("build_model", "build_objective"):
+            if not callable(getattr(builder, attr, None)):
+                raise TypeError(f"method {name!r}: the registered builder has no callable {attr}")
+        known = _METHODS.get(name)
+        if known is not None and getattr(known, "__qualname__", None) != getattr(builder, "__qualname__", None):
+            raise ValueError(f"method {name!r} is registered twice ({known!r} and {builder!r})")
+        _METHODS[name] = builder
+        return builder
 
     return wrap
 
@@ -52,10 +64,12 @@ def get_method(name: str):
 
 
 def build_model(cfg, tokenizer) -> nn.Module:
+    """The model of `cfg.model.method`, built from the typed config and the tokenizer."""
     return get_method(cfg.model.method).build_model(cfg, tokenizer)
 
 
 def build_objective(cfg) -> nn.Module:
+    """The training objective of `cfg.model.method`, wrapped with `cfg.loss.regularizers`."""
     objective = get_method(cfg.model.method).build_objective(cfg)
     if cfg.loss.regularizers:
         from itmatch.objectives.regularizers import with_regularizers

@@ -1,0 +1,31 @@
+"""`dias`: DIAS (Ma et al., ACM MM 2024) with the paper's setting.
+
+The VSE-infinity model (fragments pooled into global embeddings), trained with the distance-weighted
+triplet loss (Eq. 3) plus the DIAS regularizer (Eq. 17). `loss.regularizers: [dias]` adds the same
+regularizer to any other method instead; listing it here as well would apply it twice, so it is refused.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from itmatch.config import Config
+from itmatch.errors import ItmatchError
+from itmatch.methods.registry import register_method
+from itmatch.methods.vse import VSEModel, VSEObjective
+from itmatch.objectives.dias import DIASRegularizer
+from itmatch.objectives.regularizers import RegularizedObjective
+
+
+@register_method("dias")
+class DIAS:
+    @staticmethod
+    def build_model(cfg: Config, tokenizer) -> nn.Module:
+        return VSEModel(cfg.model, tokenizer)
+
+    @staticmethod
+    def build_objective(cfg: Config) -> nn.Module:
+        if "dias" in cfg.loss.regularizers:
+            raise ItmatchError("config key 'loss.regularizers': method dias already includes the dias "
+                               "regularizer; remove it from loss.regularizers")
+        return RegularizedObjective(VSEObjective(cfg), {"dias": DIASRegularizer(cfg.dias)})
