@@ -288,6 +288,8 @@ def test_bad_options_are_one_clear_error():
         DIASRegularizer(DiasConfig(w_inter=-1.0))
     with pytest.raises(ItmatchError, match="dias.mask_temperature"):
         DIASRegularizer(DiasConfig(mask_temperature=0.0))
+    with pytest.raises(ItmatchError, match="dias.dim_samples"):
+        DIASRegularizer(DiasConfig(dim_samples="words"))
     out, positives = make_out()
     with pytest.raises(ItmatchError, match="loss.regularizers"):
         DIASRegularizer(DiasConfig())({"img": out["img"], "txt": out["txt"]}, positives)
@@ -384,3 +386,12 @@ def test_vse_with_dias_trains_end_to_end_and_keeps_the_model_clean(tiny_scenes, 
     assert dias.inter.beta.detach().abs().min() > 0 and dias.intra.beta.detach().abs().min() > 0  # beta moved
     weights = load_file(str(tmp_path / "run" / "best" / ckpt.WEIGHTS))
     assert weights and not any("beta" in k or "dias" in k for k in weights)
+
+
+@pytest.mark.parametrize("samples,center", [("pooled", True), ("pairs", True)])
+def test_config_chooses_the_dimension_samples(samples, center):
+    out, positives = make_out(seed=6)
+    cfg = DiasConfig(dim_samples=samples, dim_center=center)
+    got = DIASRegularizer(cfg).double()(out, positives)["dim"].item()
+    assert got == pytest.approx(ref_dim(ref_corr(out, positives, samples, center)), rel=1e-9)
+    assert got != pytest.approx(ref_dim(ref_corr(out, positives)), rel=1e-6)  # differs from the default

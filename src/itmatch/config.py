@@ -111,6 +111,9 @@ class DiasConfig:
     mask_temperature: float = 0.05  # relaxation temperature of the soft mask
     topk: int = 10  # sparsity: topk
     l1_weight: float = 0.01  # sparsity: l1
+    # Eq. 4's dimension vectors: pairs = every (region, word) of each matched pair; pooled = mean fragments
+    dim_samples: str = "pairs"
+    dim_center: bool = False  # centre the dimension vectors first (Pearson instead of the paper's cosine)
 
 
 @dataclass

@@ -251,14 +251,16 @@ class DIASRegularizer(nn.Module):
     one image) are not "unmatched pairs" and are excluded from both spatial terms.
     """
 
-    def __init__(self, cfg: DiasConfig | None = None, dim_samples: str = "pairs", dim_center: bool = False):
+    def __init__(self, cfg: DiasConfig | None = None):
         super().__init__()
         cfg = cfg or DiasConfig()
+        dim_samples, dim_center = cfg.dim_samples, cfg.dim_center
         if cfg.distance not in DISTANCES:
             raise ItmatchError(f"config key 'dias.distance': unknown distance {cfg.distance!r} "
                                f"(use {', '.join(DISTANCES)})")
         if dim_samples not in DIM_SAMPLES:
-            raise ItmatchError(f"unknown dimension samples {dim_samples!r} (use {', '.join(DIM_SAMPLES)})")
+            raise ItmatchError(f"config key 'dias.dim_samples': unknown value {dim_samples!r} "
+                               f"(use {', '.join(DIM_SAMPLES)})")
         for key in ("w_dim", "w_inter", "w_intra"):
             if getattr(cfg, key) < 0:
                 raise ItmatchError(f"config key 'dias.{key}' must be >= 0, got {getattr(cfg, key)}")
