@@ -28,6 +28,7 @@ COLUMNS = [("i2t_r1", "i2t R@1"), ("i2t_r5", "R@5"), ("i2t_r10", "R@10"), ("t2i_
            ("rprecision_i2t", "R-P i2t"), ("rprecision_t2i", "R-P t2i"), ("twin_acc_i2t", "twin i2t"),
            ("twin_acc_t2i", "twin t2i")]
 _STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]")
+_BEST_DEV = re.compile(r"done: best dev rSum ([0-9.]+)")
 
 
 def itmatch(*args: str) -> None:
@@ -48,14 +49,21 @@ def train_minutes(run: Path) -> float | None:
     return (last - first).total_seconds() / 60
 
 
+def best_dev_rsum(run: Path) -> str:
+    log = run / "out.log"
+    found = _BEST_DEV.findall(log.read_text()) if log.exists() else []
+    return f"{float(found[-1]):.1f}" if found else "-"
+
+
 def table(out: Path, configs: list[str]) -> str:
-    head = "| config | " + " | ".join(name for _, name in COLUMNS) + " | train min |"
-    rows = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    head = "| config | " + " | ".join(name for _, name in COLUMNS) + " | best dev rSum | train min |"
+    rows = [head, "|" + "---|" * (len(COLUMNS) + 3)]
     for c in configs:
         report = json.loads((out / f"{c}.test.json").read_text())
         m = report["metrics"]
         minutes = train_minutes(out / c)
         cells = [f"{m[k]:.1f}" if k in m else "-" for k, _ in COLUMNS]
+        cells.append(best_dev_rsum(out / c))
         rows.append(f"| `{c}` | " + " | ".join(cells) + (f" | {minutes:.1f} |" if minutes else " | - |"))
     return "\n".join(rows)
 
