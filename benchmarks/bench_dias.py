@@ -12,20 +12,24 @@ size N (spatial terms: N x N) and embedding size d (dimension term: d x d).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from itmatch.config import DiasConfig, load_config
-from itmatch.data.batch import positive_mask
-from itmatch.data.datasets import EpochSampler, PairDataset
-from itmatch.data.text import build_tokenizer
-from itmatch.methods.registry import build_model, build_objective
-from itmatch.objectives.dias import DIASRegularizer
-from itmatch.training.commands import PACKAGED_CONFIGS
-from itmatch.training.data_setup import load_configured_split, resolve_data_root
-from itmatch.training.loop import TrainProgress
-from itmatch.training.optim import build_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_training import training_batches  # noqa: E402
+
+from itmatch.config import DiasConfig, load_config  # noqa: E402
+from itmatch.data.batch import positive_mask  # noqa: E402
+from itmatch.data.text import build_tokenizer  # noqa: E402
+from itmatch.methods.registry import build_model, build_objective  # noqa: E402
+from itmatch.objectives.dias import DIASRegularizer  # noqa: E402
+from itmatch.training.commands import PACKAGED_CONFIGS  # noqa: E402
+from itmatch.training.data_setup import load_configured_split, resolve_data_root  # noqa: E402
+from itmatch.training.loop import TrainProgress  # noqa: E402
+from itmatch.training.optim import build_optimizer  # noqa: E402
 
 
 def make_stepper(cfg, tokenizer):
@@ -83,12 +87,7 @@ def main() -> None:
     root = resolve_data_root(vse_cfg.data)
     train = load_configured_split(vse_cfg.data, "train", root)
     tokenizer = build_tokenizer(vse_cfg.model.text, train.captions)
-    ds = PairDataset(train, tokenizer, max_length=vse_cfg.model.text.max_length, train=True,
-                     token_noise=vse_cfg.model.text.token_noise, region_drop=vse_cfg.model.image.region_drop, seed=0)
-    sampler = EpochSampler(len(ds), 0, args.batch_size)
-    sampler.set_epoch(0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate)
-    batches = [b for _, b in zip(range(args.steps + 2), loader)]
+    batches = training_batches(vse_cfg, train, tokenizer, args.steps + 2)
     warm, timed_batches = batches[:2], batches[2:]
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "

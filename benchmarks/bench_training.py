@@ -67,6 +67,16 @@ def encode_rates(cfg, split, tokenizer, batch_size: int) -> tuple[float, float]:
     return n_img / (t1 - t0), n_txt / (t2 - t1)
 
 
+def training_batches(cfg, split, tokenizer, n: int) -> list:
+    """The first `n` augmented training batches of an epoch (seed 0), fixed so every timed method sees them."""
+    ds = PairDataset(split, tokenizer, max_length=cfg.model.text.max_length, train=True,
+                     token_noise=cfg.model.text.token_noise, region_drop=cfg.model.image.region_drop, seed=0)
+    sampler = EpochSampler(len(ds), 0, cfg.train.batch_size)
+    sampler.set_epoch(0)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate)
+    return [b for _, b in zip(range(n), loader)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="scenes:small")
@@ -80,12 +90,7 @@ def main() -> None:
     train = load_configured_split(cfg.data, "train", root)
     test = load_configured_split(cfg.data, "test", root)
     tokenizer = build_tokenizer(cfg.model.text, train.captions)
-    ds = PairDataset(train, tokenizer, max_length=cfg.model.text.max_length, train=True,
-                     token_noise=cfg.model.text.token_noise, region_drop=cfg.model.image.region_drop, seed=0)
-    sampler = EpochSampler(len(ds), 0, args.batch_size)
-    sampler.set_epoch(0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate)
-    batches = [b for _, b in zip(range(args.steps + 3), loader)]
+    batches = training_batches(cfg, train, tokenizer, args.steps + 3)
 
     mean_cfg = load_config(PACKAGED_CONFIGS / "vse_scenes.yaml", [f"data.root={args.data}", "model.pooling=mean"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "

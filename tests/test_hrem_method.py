@@ -60,12 +60,12 @@ def hrem_cfg(**hrem):
     })
 
 
-def hrem_setup(**hrem):
+def hrem_setup(cfg=None, **hrem):
     from itmatch.data.text import WordVocab
     from itmatch.methods.registry import build_model, build_objective
 
     vocab = WordVocab.build(CAPTIONS)
-    cfg = hrem_cfg(**hrem)
+    cfg = cfg or hrem_cfg(**hrem)
     torch.manual_seed(0)
     model, objective = build_model(cfg, vocab), build_objective(cfg)
     n = len(CAPTIONS)
@@ -178,21 +178,13 @@ def test_packaged_hrem_configs_load_with_paper_defaults():
 
 def test_dias_regularizer_composes_with_hrem():
     """`loss.regularizers: [dias]` on hrem: HREM's terms and DIAS's add up, and DIAS reaches HREM's fragments."""
-    from itmatch.data.text import WordVocab
-    from itmatch.methods.registry import build_model, build_objective
     from itmatch.objectives.dias import DIASRegularizer
 
-    vocab = WordVocab.build(CAPTIONS)
     cfg = hrem_cfg()
     cfg.loss.regularizers = ["dias"]
     cfg.dias.sparsity = "hard"  # deterministic terms for the sum below
-    torch.manual_seed(0)
-    model, objective = build_model(cfg, vocab), build_objective(cfg)
-    n = len(CAPTIONS)
-    regions, mask = ragged_batch(n, 5, 10, seed=9)
-    tokens, tmask = vocab.encode_batch(CAPTIONS, 16)
-    idx = torch.arange(n)
-    img_b, txt_b = ImageBatch(idx, regions, mask), TextBatch(tokens, tmask, idx, idx)
+    model, objective, img_b, txt_b = hrem_setup(cfg)
+    idx = img_b.image_index
     out = model(img_b, txt_b)
     terms = objective(out, img_b, txt_b, progress(5))
     assert {"base", "enh_enh", "reg", "dias", "dias_dim", "dias_inter", "dias_intra"} <= set(terms)
