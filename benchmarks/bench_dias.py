@@ -19,34 +19,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import training_batches  # noqa: E402
+from bench_training import make_stepper, training_batches  # noqa: E402
 
 from itmatch.config import DiasConfig, load_config  # noqa: E402
 from itmatch.data.batch import positive_mask  # noqa: E402
 from itmatch.data.text import build_tokenizer  # noqa: E402
-from itmatch.methods.registry import build_model, build_objective  # noqa: E402
 from itmatch.objectives.dias import DIASRegularizer  # noqa: E402
 from itmatch.training.commands import PACKAGED_CONFIGS  # noqa: E402
 from itmatch.training.data_setup import load_configured_split, resolve_data_root  # noqa: E402
-from itmatch.training.loop import TrainProgress  # noqa: E402
-from itmatch.training.optim import build_optimizer  # noqa: E402
-
-
-def make_stepper(cfg, tokenizer):
-    torch.manual_seed(0)
-    model, objective = build_model(cfg, tokenizer), build_objective(cfg)
-    opt = build_optimizer(model, objective, cfg.optim)
-    model.train()
-    progress = TrainProgress(epoch=1)
-
-    def step(img, txt):
-        terms = objective(model(img, txt), img, txt, progress)
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-
-    return step
 
 
 def timed(step, batches) -> float:

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_training import encode_rates, train_rate  # noqa: E402
+from bench_training import encode_rates, train_rate, training_batches  # noqa: E402
 
 from itmatch.config import load_config  # noqa: E402
 from itmatch.data.batch import ImageBatch, TextBatch  # noqa: E402
-from itmatch.data.datasets import EpochSampler, PairDataset  # noqa: E402
 from itmatch.data.text import WordVocab, build_tokenizer  # noqa: E402
 from itmatch.methods.registry import build_model, build_objective  # noqa: E402
 from itmatch.training.commands import PACKAGED_CONFIGS  # noqa: E402
@@ -84,11 +83,7 @@ def main() -> None:
     train = load_configured_split(vse.data, "train", root)
     test = load_configured_split(vse.data, "test", root)
     tok = build_tokenizer(vse.model.text, train.captions)
-    ds = PairDataset(train, tok, max_length=40, train=True, token_noise=0.2, region_drop=0.2, seed=0)
-    sampler = EpochSampler(len(ds), 0, 128)
-    sampler.set_epoch(0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate)
-    batches = [b for _, b in zip(range(args.steps + 3), loader)]
+    batches = training_batches(vse, train, tok, args.steps + 3)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"-- scenes shapes ({root}): batch 128, 12 regions x 1280-d, d=256, {args.steps} timed steps")
     variants = {

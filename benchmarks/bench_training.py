@@ -29,7 +29,8 @@ from itmatch.training.loop import TrainProgress
 from itmatch.training.optim import build_optimizer
 
 
-def train_rate(cfg, split, tokenizer, steps: int, batches) -> float:
+def make_stepper(cfg, tokenizer):
+    """One full training step (forward, loss, backward, clipping, AdamW) of `cfg`'s method, seed 0."""
     torch.manual_seed(0)
     model, objective = build_model(cfg, tokenizer), build_objective(cfg)
     opt = build_optimizer(model, objective, cfg.optim)
@@ -43,6 +44,11 @@ def train_rate(cfg, split, tokenizer, steps: int, batches) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
 
+    return step
+
+
+def train_rate(cfg, split, tokenizer, steps: int, batches) -> float:
+    step = make_stepper(cfg, tokenizer)
     for img, txt in batches[:3]:  # warm-up
         step(img, txt)
     t0 = time.perf_counter()

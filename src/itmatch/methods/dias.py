@@ -12,20 +12,17 @@ from torch import nn
 from itmatch.config import Config
 from itmatch.errors import ItmatchError
 from itmatch.methods.registry import register_method
-from itmatch.methods.vse import VSEModel, VSEObjective
-from itmatch.objectives.dias import DIASRegularizer
-from itmatch.objectives.regularizers import RegularizedObjective
+from itmatch.methods.vse import VSE, VSEObjective
+from itmatch.objectives.regularizers import RegularizedObjective, build_regularizer
 
 
 @register_method("dias")
-class DIAS:
-    @staticmethod
-    def build_model(cfg: Config, tokenizer) -> nn.Module:
-        return VSEModel(cfg.model, tokenizer)
+class DIAS(VSE):
+    """The VSE model (`VSE.build_model`); only the objective differs."""
 
     @staticmethod
     def build_objective(cfg: Config) -> nn.Module:
         if "dias" in cfg.loss.regularizers:
             raise ItmatchError("config key 'loss.regularizers': method dias already includes the dias "
                                "regularizer; remove it from loss.regularizers")
-        return RegularizedObjective(VSEObjective(cfg), {"dias": DIASRegularizer(cfg.dias)})
+        return RegularizedObjective(VSEObjective(cfg), {"dias": build_regularizer("dias", cfg)})
