@@ -27,8 +27,8 @@ from itmatch.config import load_config  # noqa: E402
 from itmatch.data.batch import ImageBatch, TextBatch  # noqa: E402
 from itmatch.data.text import WordVocab, build_tokenizer  # noqa: E402
 from itmatch.methods.registry import build_model, build_objective  # noqa: E402
-from itmatch.training.commands import PACKAGED_CONFIGS  # noqa: E402
-from itmatch.training.data_setup import load_configured_split, resolve_data_root  # noqa: E402
+from itmatch.config import PACKAGED_CONFIGS  # noqa: E402
+from itmatch.data.setup import load_configured_split, resolve_data_root  # noqa: E402
 from itmatch.training.loop import TrainProgress  # noqa: E402
 
 INSTANCE_ON = "hrem.instance_warmup_steps=0"

@@ -13,7 +13,7 @@ from itmatch.data.batch import ImageBatch, TextBatch, positive_mask
 from itmatch.errors import ItmatchError
 from itmatch.objectives.dias import (DIASRegularizer, SparseSpatialLoss, dimension_alignment_loss,
                                      dimension_correlation)
-from itmatch.training.commands import PACKAGED_CONFIGS
+from itmatch.config import PACKAGED_CONFIGS
 from itmatch.training.loop import TrainProgress
 
 D = 6
@@ -362,7 +362,7 @@ def test_vse_with_dias_trains_end_to_end_and_keeps_the_model_clean(tiny_scenes, 
     """
     from safetensors.torch import load_file
 
-    from itmatch.training import checkpoint as ckpt
+    from itmatch import checkpoint as ckpt
     from itmatch.training.loop import Trainer
     from itmatch.training.run_log import read_metrics
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from itmatch.objectives.relations.graph import AssociationGraphBuilder, relevance_regularizer
 from itmatch.objectives.relations.interaction import FusionLayer, RelationInteraction, StandaloneLayer
-from itmatch.objectives.relations.matching import fragment_matching
+from itmatch.similarity.fragment import fragment_matching
 
 
 def ragged_batch(n, max_len, d, seed):

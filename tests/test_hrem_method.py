@@ -159,7 +159,7 @@ def test_bad_hrem_values_are_one_clear_error(key, value):
 
 def test_packaged_hrem_configs_load_with_paper_defaults():
     from itmatch.config import load_config
-    from itmatch.training.commands import PACKAGED_CONFIGS
+    from itmatch.config import PACKAGED_CONFIGS
 
     lambdas = {}
     for name in ("f30k_precomp_bigru", "f30k_precomp_bert", "coco_precomp_bigru", "coco_precomp_bert", "scenes",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from itmatch.data.batch import positive_mask
 from itmatch.objectives.contrastive import InfoNCE
 from itmatch.objectives.ranking import DistanceWeightedTriplet, HingeLoss, distance_weighted_log_weights
-from itmatch.similarity.global_sim import cosine_similarity, cosine_similarity_chunked
+from itmatch.similarity.dense import cosine_similarity, cosine_similarity_chunked
 
 
 def batch_with_repeats(square=True, seed=1):

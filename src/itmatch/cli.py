@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-sims", default=None, help="save the similarity matrix (.npy)")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--device", default="auto")
-    ev.set_defaults(func=_handler("itmatch.training.commands:cmd_eval"))
+    ev.set_defaults(func=_handler("itmatch.evaluation.commands:cmd_eval"))
 
     de = sub.add_parser("demo", help="generate scenes, train the baseline, evaluate, write a report")
     de.add_argument("--out", default="runs/demo", help="run folder")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--epochs", type=int, default=None, help="override the demo's epoch budget")
     de.add_argument("--size", choices=["tiny", "small", "default"], default="small",
                     help="scenes preset (small keeps the whole demo within ~4 minutes on 2 CPU cores)")
-    de.set_defaults(func=_handler("itmatch.training.commands:cmd_demo"))
+    de.set_defaults(func=_handler("itmatch.demo:cmd_demo"))
     return p
 
 

@@ -276,6 +276,23 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def find_config(name: str | None) -> Path | None:
+    """A path as given, or the name of a packaged config (`vse_scenes` or `vse_scenes.yaml`)."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / (path.name if path.suffix else path.name + ".yaml")
+    if packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml")))
+    raise ItmatchError(f"config file not found: {name} (packaged configs: {known})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data: dict = {}
     if path is not None:

@@ -1,7 +1,8 @@
-"""`itmatch eval-sims`: evaluate saved similarity matrices (images x captions .npy files)."""
+"""`itmatch eval` (a trained checkpoint on a split) and `itmatch eval-sims` (saved similarity matrices)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -79,4 +80,52 @@ def cmd_eval_sims(args) -> int:
     if args.output:
         write_report(report, args.output)
         print(f"report written to {args.output}")
+    return 0
+
+
+def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol: str | None,
+                        batch_size: int = 256, device: str = "auto"):
+    """(report, sims, split) for a checkpoint on one split."""
+    import time
+
+    from itmatch import __version__
+    from itmatch.checkpoint import from_pretrained
+    from itmatch.data.setup import load_configured_split, resolve_data_root
+    from itmatch.device import resolve_device
+    from itmatch.evaluation.encode import score_split
+    from itmatch.evaluation.protocols import evaluate_sims
+
+    dev = resolve_device(device)
+    model, tokenizer, cfg = from_pretrained(checkpoint, dev)
+    data_cfg = replace(cfg.data, root=data) if data else cfg.data
+    root = resolve_data_root(data_cfg)
+    split_data = load_configured_split(data_cfg, split, root, check_finite=True)
+    t0 = time.perf_counter()
+    sims = score_split(model, split_data, tokenizer, cfg.model, batch_size, dev)
+    encode_s = time.perf_counter() - t0
+    if protocol is None:
+        protocol = "scenes" if split_data.relevance is not None else "plain"
+    report = evaluate_sims(sims, protocol, split_data, dataset=str(root), split_name=split)
+    report.update({"method": cfg.model.method, "checkpoint": str(checkpoint), "encode_and_score_s": round(encode_s, 3),
+                   "version": __version__})
+    return report, sims, split_data
+
+
+def cmd_eval(args) -> int:
+    from itmatch.evaluation.report import format_report, write_report
+
+    from itmatch.checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    report, sims, _ = evaluate_checkpoint(checkpoint, args.data, args.split, args.protocol,
+                                          args.batch_size, args.device)
+    print(format_report(report))
+    if args.output:
+        write_report(report, args.output)
+        print(f"report written to {args.output}")
+    if args.save_sims:
+        from itmatch.files import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.save_sims), lambda f: np.save(f, sims, allow_pickle=False))
+        print(f"similarities ({sims.shape[0]} images x {sims.shape[1]} captions) written to {args.save_sims}")
     return 0

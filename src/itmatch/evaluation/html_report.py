@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from itmatch.data.split import RetrievalSplit
-from itmatch.training.checkpoint import atomic_write_text
+from itmatch.files import atomic_write_text
 
 METRIC_LABELS = [
     ("i2t_r1", "i2t R@1"), ("i2t_r5", "i2t R@5"), ("i2t_r10", "i2t R@10"),

@@ -12,7 +12,8 @@ from torch import nn
 from itmatch.config import Config
 from itmatch.errors import ItmatchError
 from itmatch.methods.registry import register_method
-from itmatch.methods.vse import VSE, VSEObjective
+from itmatch.methods.vse import VSE
+from itmatch.objectives.vse import VSEObjective
 from itmatch.objectives.regularizers import RegularizedObjective, build_regularizer
 
 

@@ -12,9 +12,9 @@ from itmatch.config import Config, HremConfig
 from itmatch.encoders.fragments import RelationEnhancedPool
 from itmatch.errors import ItmatchError
 from itmatch.methods.registry import register_method
-from itmatch.methods.vse import VSEModel
+from itmatch.models.backbone import VSEModel
 from itmatch.objectives.hrem import HREMObjective
-from itmatch.objectives.relations.matching import SCORES
+from itmatch.similarity.fragment import SCORES
 
 
 def check_hrem_config(h: HremConfig, embed_dim: int) -> None:

@@ -22,10 +22,13 @@ import numpy as np
 import torch
 
 from itmatch.config import Config
+from itmatch.device import resolve_device
+from itmatch.files import atomic_write_text
 from itmatch.errors import ItmatchError
-from itmatch.training import checkpoint as ckpt
-from itmatch.training.data_setup import load_configured_split, resolve_data_root, take_images
+from itmatch import checkpoint as ckpt
+from itmatch.data.setup import load_configured_split, resolve_data_root, take_images
 from itmatch.training.optim import build_optimizer, check_schedule, lr_multiplier, set_learning_rates
+from itmatch.training.rng import capture_rng, restore_rng
 from itmatch.training.run_log import RunLog
 
 LATEST = "LATEST"
@@ -38,17 +41,6 @@ class TrainProgress:
     epoch: int = 0
     step: int = 0
     total_steps: int = 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ItmatchError(f"device {name!r} requested but CUDA is not available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ItmatchError(f"unknown device {name!r}") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -166,7 +158,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch, self.best_rsum = int(state["batch_in_epoch"]), float(state["best_rsum"])
-        ckpt.restore_rng(state["rng"])
+        restore_rng(state["rng"])
 
     # ------------------------------------------------------------------------- checkpoints
     def _training_state(self) -> dict:
@@ -179,13 +171,13 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "best_rsum": self.best_rsum,
-            "rng": ckpt.capture_rng(),
+            "rng": capture_rng(),
         }
 
     def save_checkpoint(self) -> Path:
         folder = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         ckpt.save_pretrained(self.model, self.tokenizer, self.cfg, folder, self._training_state())
-        ckpt.atomic_write_text(folder.parent / LATEST, folder.name + "\n")
+        atomic_write_text(folder.parent / LATEST, folder.name + "\n")
         steps = sorted(p for p in folder.parent.glob("step-*") if p.is_dir())
         for old in steps[: max(0, len(steps) - max(1, self.cfg.train.keep_last))]:
             shutil.rmtree(old, ignore_errors=True)
@@ -231,7 +223,7 @@ class Trainer:
         self._setup()
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
         log = RunLog(self.run_dir, echo=self.echo)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.line(f"method {cfg.model.method} | {n_params / 1e6:.2f}M parameters | device {self.device} | "
@@ -316,5 +308,5 @@ class Trainer:
         if improved:
             self.best_rsum = float(metrics["rsum"])
             best = ckpt.save_pretrained(self.model, self.tokenizer, self.cfg, self.run_dir / "best")
-            ckpt.atomic_write_text(best / "dev_metrics.json",
+            atomic_write_text(best / "dev_metrics.json",
                                    json.dumps({"step": self.step, "epoch": self.epoch, **metrics}, indent=2))

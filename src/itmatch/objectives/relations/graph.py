@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itmatch.objectives.relations.matching import FragmentMatching
+from itmatch.similarity.fragment import FragmentMatching
 
 
 @dataclass

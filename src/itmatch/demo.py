@@ -12,9 +12,9 @@ import shutil
 import time
 from pathlib import Path
 
-from itmatch.config import load_config
+from itmatch.config import PACKAGED_CONFIGS, load_config
 from itmatch.errors import ItmatchError
-from itmatch.training.checkpoint import atomic_write_text
+from itmatch.files import atomic_write_text
 
 MARKER = "demo.json"
 
@@ -33,8 +33,8 @@ def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: i
     from itmatch.data.scenes import generate_scenes, preset_sizes
     from itmatch.evaluation.html_report import write_html_report
     from itmatch.evaluation.report import format_report, write_report
-    from itmatch.training.commands import PACKAGED_CONFIGS, evaluate_checkpoint
-    from itmatch.training.data_setup import scenes_cache_dir
+    from itmatch.data.setup import scenes_cache_dir
+    from itmatch.evaluation.commands import evaluate_checkpoint
     from itmatch.training.loop import Trainer
 
     t0 = time.perf_counter()
@@ -64,3 +64,8 @@ def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: i
     print(f"report: {out / 'report.html'} | JSON: {out / 'test_report.json'} | "
           f"total {report['timings_s']['total']:.0f}s (data {t_data:.0f}s, training {t_train:.0f}s)")
     return report
+
+
+def cmd_demo(args) -> int:
+    run_demo(out=Path(args.out), data=Path(args.data) if args.data else None, size=args.size, epochs=args.epochs)
+    return 0

@@ -13,13 +13,10 @@ a half-written checkpoint under the real name.
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -27,50 +24,12 @@ from safetensors.torch import load_file, save_file
 from itmatch import __version__
 from itmatch.config import Config, config_from_dict
 from itmatch.errors import ItmatchError
+from itmatch.files import replace_dir
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
 STATE = "training_state.pt"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file)` on a temporary binary file, then rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary folder to `final`, replacing an older folder of that name."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def save_pretrained(model, tokenizer, cfg: Config, folder: str | Path, training_state: dict | None = None) -> Path:
@@ -85,7 +44,7 @@ def save_pretrained(model, tokenizer, cfg: Config, folder: str | Path, training_
         tokenizer.save(tmp / TOKENIZER)
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
-        _replace_dir(tmp, folder)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -102,6 +61,18 @@ def read_checkpoint_config(folder: str | Path) -> Config:
         return config_from_dict(meta["config"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise ItmatchError(f"corrupt checkpoint config {path}: {exc}") from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (its best/ checkpoint) or a checkpoint folder -> the checkpoint folder."""
+    path = Path(path)
+    if (path / "best" / CONFIG).is_file():
+        return path / "best"
+    if (path / CONFIG).is_file():
+        return path
+    if path.is_dir():
+        raise ItmatchError(f"{path} is neither a run folder with a best/ checkpoint nor a checkpoint folder")
+    raise ItmatchError(f"checkpoint not found: {path}")
 
 
 def from_pretrained(folder: str | Path, device: str | torch.device = "cpu"):
@@ -139,24 +110,3 @@ def load_training_state(folder: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise ItmatchError(f"corrupt training state {path}: {str(exc).splitlines()[0][:200]}") from None
-
-
-def capture_rng() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-    }
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))

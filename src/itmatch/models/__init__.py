@@ -1,0 +1,1 @@
+"""Models assembled from the shared encoders, and the contract every model keeps."""

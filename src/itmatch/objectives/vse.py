@@ -1,0 +1,28 @@
+"""VSE-infinity's objective: the configured ranking loss on global embeddings."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from itmatch.config import Config, LossConfig
+from itmatch.data.batch import ImageBatch, TextBatch, positive_mask
+from itmatch.objectives.base import RankingTerm
+
+
+class VSEObjective(nn.Module):
+    """The configured ranking loss on global embeddings, positives from image ids.
+
+    With `loss.name: hinge`, the hinge sums over negatives while `progress.epoch <
+    loss.sum_warmup_epochs` and keeps only the hardest negative afterwards (VSE-infinity).
+    """
+
+    def __init__(self, loss_cfg: LossConfig | Config):
+        super().__init__()
+        # A whole Config is accepted too (methods that wrap this objective pass theirs).
+        self.ranking = RankingTerm(loss_cfg.loss if isinstance(loss_cfg, Config) else loss_cfg)
+
+    def forward(self, out: dict, img_batch: ImageBatch, txt_batch: TextBatch, progress) -> dict:
+        positives = positive_mask(img_batch.image_index, txt_batch.image_index)
+        sims = out["img"] @ out["txt"].T  # embeddings are unit vectors: this is the cosine
+        loss = self.ranking(sims, positives, progress)
+        return {"loss": loss, self.ranking.name: loss.detach()}
