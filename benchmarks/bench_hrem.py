@@ -29,7 +29,7 @@ from itmatch.data.text import WordVocab, build_tokenizer  # noqa: E402
 from itmatch.methods.registry import build_model, build_objective  # noqa: E402
 from itmatch.config import PACKAGED_CONFIGS  # noqa: E402
 from itmatch.data.setup import load_configured_split, resolve_data_root  # noqa: E402
-from itmatch.training.loop import TrainProgress  # noqa: E402
+from itmatch.objectives.base import TrainProgress  # noqa: E402
 
 INSTANCE_ON = "hrem.instance_warmup_steps=0"
 INSTANCE_OFF = "hrem.instance_warmup_steps=1000000000"
@@ -51,7 +51,8 @@ def paper_batches(n_batches: int, vocab: WordVocab, n: int = 128, regions: int =
 def objective_ms(cfg, batches, repeats: int) -> float:
     """Forward + backward of the instance-level objective alone, on embeddings and fragments of a batch."""
     torch.manual_seed(0)
-    model, objective = build_model(cfg, VOCAB), build_objective(cfg)
+    model = build_model(cfg, VOCAB)
+    objective = build_objective(cfg, model)
     with torch.no_grad():
         out = model(*batches[0])
     out = {k: (v.detach().requires_grad_(v.is_floating_point()) if torch.is_tensor(v) else v) for k, v in out.items()}

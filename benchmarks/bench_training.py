@@ -25,14 +25,15 @@ from itmatch.data.text import build_tokenizer
 from itmatch.methods.registry import build_model, build_objective
 from itmatch.config import PACKAGED_CONFIGS
 from itmatch.data.setup import load_configured_split, resolve_data_root
-from itmatch.training.loop import TrainProgress
+from itmatch.objectives.base import TrainProgress
 from itmatch.training.optim import build_optimizer
 
 
 def make_stepper(cfg, tokenizer):
     """One full training step (forward, loss, backward, clipping, AdamW) of `cfg`'s method, seed 0."""
     torch.manual_seed(0)
-    model, objective = build_model(cfg, tokenizer), build_objective(cfg)
+    model = build_model(cfg, tokenizer)
+    objective = build_objective(cfg, model)
     opt = build_optimizer(model, objective, cfg.optim)
     model.train()
     progress = TrainProgress(epoch=1)  # past the hinge warm-up: hardest negatives, as most of training runs

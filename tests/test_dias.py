@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from itmatch.errors import ItmatchError
 from itmatch.objectives.dias import (DIASRegularizer, SparseSpatialLoss, dimension_alignment_loss,
                                      dimension_correlation)
 from itmatch.config import PACKAGED_CONFIGS
-from itmatch.training.loop import TrainProgress
+from itmatch.objectives.base import TrainProgress
+from itmatch.similarity.dense import dot_similarity
 
 D = 6
 
@@ -300,6 +302,9 @@ def test_bad_options_are_one_clear_error():
 
 # ---- wrapper and method ------------------------------------------------------------------------
 
+# Objectives score batches with their model's similarity; these tests feed hand-made embeddings.
+DOT_MODEL = types.SimpleNamespace(similarity=dot_similarity)
+
 def _batches(out) -> tuple[ImageBatch, TextBatch]:
     idx = torch.tensor([10, 11, 12, 13, 11, 15, 16])
     return ImageBatch(image_index=idx), TextBatch(tokens=torch.zeros(7, 1, dtype=torch.long),
@@ -311,8 +316,8 @@ def test_with_regularizers_adds_terms_to_the_base_loss():
     from itmatch.methods.registry import build_objective
 
     cfg = load_config(None, ["loss.name=hinge", "loss.regularizers=[dias]", "dias.sparsity=hard"])
-    objective = build_objective(cfg).double()
-    plain = build_objective(load_config(None, ["loss.name=hinge"]))
+    objective = build_objective(cfg, DOT_MODEL).double()
+    plain = build_objective(load_config(None, ["loss.name=hinge"]), DOT_MODEL)
     out, positives = make_out(seed=6, requires_grad=True)
     img_b, txt_b = _batches(out)
     progress = TrainProgress(epoch=1)
@@ -332,9 +337,9 @@ def test_unknown_regularizer_names_the_config_key():
     from itmatch.methods.registry import build_objective
 
     with pytest.raises(ItmatchError, match="loss.regularizers.*'dais'"):
-        build_objective(load_config(None, ["loss.regularizers=[dais]"]))
+        build_objective(load_config(None, ["loss.regularizers=[dais]"]), DOT_MODEL)
     with pytest.raises(ItmatchError, match="loss.regularizers"):
-        build_objective(load_config(None, ["model.method=dias", "loss.regularizers=[dias]"]))
+        build_objective(load_config(None, ["model.method=dias", "loss.regularizers=[dias]"]), DOT_MODEL)
 
 
 def test_method_dias_is_vse_plus_the_regularizer():
@@ -344,7 +349,7 @@ def test_method_dias_is_vse_plus_the_regularizer():
     cfg = load_config(PACKAGED_CONFIGS / "dias_f30k_precomp_bigru.yaml")
     assert cfg.loss.name == "triplet" and cfg.sampler.kind == "neighbour" and cfg.optim.decay_factor == 0.9
     assert cfg.optim.decay_epochs == list(range(1, 30)) and cfg.train.epochs == 30
-    objective = build_objective(cfg)
+    objective = build_objective(cfg, DOT_MODEL)
     assert {n for n, _ in objective.named_parameters()} == {"regularizers.dias.inter.beta",
                                                             "regularizers.dias.intra.beta"}
     out, _ = make_out(seed=7)

@@ -3,6 +3,8 @@ model that carries no instance-level module."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -67,7 +69,8 @@ def hrem_setup(cfg=None, **hrem):
     vocab = WordVocab.build(CAPTIONS)
     cfg = cfg or hrem_cfg(**hrem)
     torch.manual_seed(0)
-    model, objective = build_model(cfg, vocab), build_objective(cfg)
+    model = build_model(cfg, vocab)
+    objective = build_objective(cfg, model)
     n = len(CAPTIONS)
     regions, mask = ragged_batch(n, 5, 10, seed=9)
     tokens, tmask = vocab.encode_batch(CAPTIONS, 16)
@@ -76,7 +79,7 @@ def hrem_setup(cfg=None, **hrem):
 
 
 def progress(step):
-    from itmatch.training.loop import TrainProgress
+    from itmatch.objectives.base import TrainProgress
 
     return TrainProgress(epoch=1, step=step)
 
@@ -154,7 +157,7 @@ def test_bad_hrem_values_are_one_clear_error(key, value):
     from itmatch.methods.registry import build_objective
 
     with pytest.raises(ItmatchError, match=f"hrem.{key}"):
-        build_objective(hrem_cfg(**{key: value}))
+        build_objective(hrem_cfg(**{key: value}), types.SimpleNamespace(similarity=None))
 
 
 def test_packaged_hrem_configs_load_with_paper_defaults():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from itmatch.data.batch import positive_mask
 from itmatch.objectives.contrastive import InfoNCE
 from itmatch.objectives.ranking import DistanceWeightedTriplet, HingeLoss, distance_weighted_log_weights
-from itmatch.similarity.dense import cosine_similarity, cosine_similarity_chunked
+from itmatch.similarity.dense import cosine_similarity, dot_similarity, l2_normalize, pair_dot
 
 
 def batch_with_repeats(square=True, seed=1):
@@ -214,11 +214,11 @@ def test_infonce_is_clip_loss_with_diagonal_positives_and_learns_its_temperature
 
 
 # -------------------------------------------------------------------------------- similarity
-def test_cosine_similarity_and_chunked_version():
+def test_cosine_dot_and_pair_similarities_against_a_loop():
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(7, 5, generator=g), torch.randn(9, 5, generator=g)
     expected = torch.tensor([[float(a @ b) / float(a.norm() * b.norm()) for b in txt] for a in img])
     torch.testing.assert_close(cosine_similarity(img, txt), expected)
-    for chunk in (1, 3, 100):
-        torch.testing.assert_close(cosine_similarity_chunked(img, txt, chunk=chunk), expected)
-    assert cosine_similarity_chunked(img.requires_grad_(True), txt).requires_grad is False
+    # unit vectors: the dot product is the cosine, and the pair form is its diagonal
+    torch.testing.assert_close(dot_similarity(l2_normalize(img), l2_normalize(txt)), expected)
+    torch.testing.assert_close(pair_dot(l2_normalize(img), l2_normalize(txt[:7])), expected.diagonal())

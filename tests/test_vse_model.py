@@ -95,7 +95,8 @@ def test_model_holds_only_inference_parts(vocab):
 def test_objective_gradients_reach_both_encoders_and_pooling(vocab):
     torch.manual_seed(0)
     cfg = tiny_cfg()
-    model, objective = build_model(cfg, vocab), build_objective(cfg)
+    model = build_model(cfg, vocab)
+    objective = build_objective(cfg, model)
     img_b, txt_b = tiny_batches(vocab)
     terms = objective(model(img_b, txt_b), img_b, txt_b, SimpleNamespace(epoch=0, step=0))
     assert set(terms) == {"loss", "hinge"} and terms["loss"].requires_grad and not terms["hinge"].requires_grad
@@ -109,7 +110,8 @@ def test_objective_gradients_reach_both_encoders_and_pooling(vocab):
 
 def test_hinge_warmup_sums_then_takes_the_hardest_negative(vocab):
     cfg = config_from_dict({"model": tiny_cfg().to_dict()["model"], "loss": {"sum_warmup_epochs": 2}})
-    model, objective = build_model(cfg, vocab).eval(), build_objective(cfg)
+    model = build_model(cfg, vocab).eval()
+    objective = build_objective(cfg, model)
     img_b, txt_b = tiny_batches(vocab, image_index=(0, 0, 1, 2, 2, 3))  # repeated images
     with torch.no_grad():
         out = model(img_b, txt_b)
@@ -128,13 +130,14 @@ def test_hinge_warmup_sums_then_takes_the_hardest_negative(vocab):
 @pytest.mark.parametrize("name", ["triplet", "infonce"])
 def test_other_configured_losses_are_named_terms(vocab, name):
     cfg = config_from_dict({"model": tiny_cfg().to_dict()["model"], "loss": {"name": name}})
-    model, objective = build_model(cfg, vocab), build_objective(cfg)
+    model = build_model(cfg, vocab)
+    objective = build_objective(cfg, model)
     img_b, txt_b = tiny_batches(vocab)
     terms = objective(model(img_b, txt_b), img_b, txt_b, SimpleNamespace(epoch=3, step=0))
     assert set(terms) == {"loss", name} and torch.isfinite(terms["loss"])
     terms["loss"].backward()
     assert model.text_encoder.embed.weight.grad.abs().sum() > 0
-    assert VSEObjective(cfg.loss).ranking.name == name
+    assert VSEObjective(cfg.loss, model.similarity).ranking.name == name
 
 
 def test_param_groups_with_a_word_encoder_is_one_group(vocab):
@@ -197,7 +200,8 @@ def test_bad_model_configs_are_clear_errors(vocab):
 
 
 def test_forward_and_backward_under_bfloat16_autocast(vocab):
-    model, objective = build_model(tiny_cfg(), vocab), build_objective(tiny_cfg())
+    model = build_model(tiny_cfg(), vocab)
+    objective = build_objective(tiny_cfg(), model)
     img_b, txt_b = tiny_batches(vocab)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(img_b, txt_b)

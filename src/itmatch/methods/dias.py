@@ -22,8 +22,8 @@ class DIAS(VSE):
     """The VSE model (`VSE.build_model`); only the objective differs."""
 
     @staticmethod
-    def build_objective(cfg: Config) -> nn.Module:
+    def build_objective(cfg: Config, model: nn.Module) -> nn.Module:
         if "dias" in cfg.loss.regularizers:
             raise ItmatchError("config key 'loss.regularizers': method dias already includes the dias "
                                "regularizer; remove it from loss.regularizers")
-        return RegularizedObjective(VSEObjective(cfg), {"dias": build_regularizer("dias", cfg)})
+        return RegularizedObjective(VSEObjective(cfg, model.similarity), {"dias": build_regularizer("dias", cfg)})

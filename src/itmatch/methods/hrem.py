@@ -54,6 +54,6 @@ class HREM:
         return VSEModel(cfg.model, tokenizer, image_pool=relation_pool(cfg), text_pool=relation_pool(cfg))
 
     @staticmethod
-    def build_objective(cfg: Config) -> nn.Module:
+    def build_objective(cfg: Config, model: nn.Module) -> nn.Module:
         check_hrem_config(cfg.hrem, cfg.model.embed_dim)
-        return HREMObjective(cfg)
+        return HREMObjective(cfg, model.similarity)

@@ -5,7 +5,7 @@
         @staticmethod
         def build_model(cfg: Config, tokenizer) -> nn.Module: ...   # encode_image, encode_text, similarity, kind
         @staticmethod
-        def build_objective(cfg: Config) -> nn.Module: ...          # dict of named loss terms with "loss"
+        def build_objective(cfg: Config, model) -> nn.Module: ...   # dict of named loss terms with "loss"
 
 Any object with those two callables may be registered (a class, an instance, a module-like
 namespace). `loss.regularizers` (e.g. [dias]) wraps any method's objective with extra terms.
@@ -68,9 +68,12 @@ def build_model(cfg, tokenizer) -> nn.Module:
     return get_method(cfg.model.method).build_model(cfg, tokenizer)
 
 
-def build_objective(cfg) -> nn.Module:
-    """The training objective of `cfg.model.method`, wrapped with `cfg.loss.regularizers`."""
-    objective = get_method(cfg.model.method).build_objective(cfg)
+def build_objective(cfg, model: nn.Module) -> nn.Module:
+    """The training objective of `cfg.model.method` for `model`, wrapped with `cfg.loss.regularizers`.
+
+    The objective sees the model so that it scores batches with the model's own `similarity` and can
+    build what depends on it (momentum copies, prototypes of its width)."""
+    objective = get_method(cfg.model.method).build_objective(cfg, model)
     if cfg.loss.regularizers:
         from itmatch.objectives.regularizers import with_regularizers
 

@@ -22,5 +22,5 @@ class VSE:
         return VSEModel(cfg.model, tokenizer)
 
     @staticmethod
-    def build_objective(cfg: Config) -> nn.Module:
-        return VSEObjective(cfg.loss)
+    def build_objective(cfg: Config, model: nn.Module) -> nn.Module:
+        return VSEObjective(cfg.loss, model.similarity)

@@ -16,7 +16,7 @@ from itmatch.encoders.image import GridEncoder, RegionEncoder
 from itmatch.encoders.pooling import POOLINGS, build_pooling
 from itmatch.encoders.text import BertTextEncoder, GRUTextEncoder, load_glove_embeddings
 from itmatch.errors import ItmatchError
-from itmatch.similarity.dense import cosine_similarity, l2_normalize
+from itmatch.similarity.dense import dot_similarity, l2_normalize, pair_dot
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -134,8 +134,15 @@ class VSEModel(nn.Module):
         return self.pool_text(*self.text_fragments(batch))
 
     def similarity(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        """(N, M) cosine similarities of image and caption embeddings."""
-        return cosine_similarity(img, txt)
+        """(N, M) cosine similarities of encodings from `encode_image` / `encode_text`.
+
+        Those are unit vectors, so the cosine is their dot product; training, evaluation and search
+        all score through this one function."""
+        return dot_similarity(img, txt)
+
+    def pair_similarity(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        """(P,) similarities of aligned pairs img[p], txt[p]: the diagonal of `similarity`, cheaply."""
+        return pair_dot(img, txt)
 
     def forward(self, img_batch: ImageBatch, txt_batch: TextBatch) -> dict:
         """Global embeddings plus the fragments, which objectives of later methods read."""

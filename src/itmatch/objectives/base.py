@@ -1,6 +1,16 @@
-"""The configured ranking loss as one module every method's objective can call on a sims matrix."""
+"""What every training objective shares: the lifecycle hooks the trainer calls, the progress it reads,
+and the configured ranking loss as one module any objective can call on a similarity matrix.
+
+An objective is an `nn.Module` whose `forward(out, img_batch, txt_batch, progress)` returns a dict of
+named loss terms with the total under "loss". Everything that exists only for training (HREM's
+relation graph, momentum encoders, queues, prototypes) lives in the objective, never in the model, so
+inference never carries it; its tensors are buffers or parameters, so they are saved in the training
+state and restored by `--resume`.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -11,6 +21,52 @@ from itmatch.objectives.contrastive import InfoNCE
 from itmatch.objectives.ranking import DistanceWeightedTriplet, HingeLoss
 
 LOSSES = ("hinge", "triplet", "infonce")
+
+
+@dataclass
+class TrainProgress:
+    """What objectives may read about where training is (warm-ups, schedules of loss terms)."""
+
+    epoch: int = 0
+    step: int = 0
+    total_steps: int = 0
+    batch_in_epoch: int = 0
+
+
+@dataclass
+class StepContext:
+    """What a hook sees: the model being trained and where training is. `encode_train_images` gives the
+    current (N, D) embeddings of every training image, for hooks that re-cluster or re-seed on them."""
+
+    model: nn.Module
+    progress: TrainProgress
+    encode_train_images: object = None  # callable () -> torch.Tensor, set by the trainer
+
+
+class TrainingHooks:
+    """Mix-in for objective parts (and trainer helpers) that act between steps.
+
+    The trainer calls the hooks on every sub-module of the objective that has this mix-in, so a
+    regularizer or a wrapped objective gets them too:
+    - `on_epoch_start(ctx)` before the first batch of an epoch (also after a resume mid-epoch: check
+      `ctx.progress` if the hook must run once per epoch);
+    - `after_step(ctx)` after each optimizer step (EMA / momentum updates, prototype renormalisation,
+      queue pushes).
+    State that must survive `--resume` is kept in buffers, or returned by `get_extra_state`.
+    """
+
+    def on_epoch_start(self, ctx: StepContext) -> None:
+        pass
+
+    def after_step(self, ctx: StepContext) -> None:
+        pass
+
+
+def call_hooks(objective: nn.Module, hook: str, ctx: StepContext) -> None:
+    """Call `hook` on every part of `objective` that has the hooks, parents before children."""
+    for module in objective.modules():
+        if isinstance(module, TrainingHooks):
+            getattr(module, hook)(ctx)
 
 
 class RankingTerm(nn.Module):

@@ -20,8 +20,9 @@ from itmatch.similarity.dense import l2_normalize
 
 
 class HREMObjective(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, similarity):
         super().__init__()
+        self.similarity = similarity  # the model's own, for every cross-modal pair of embeddings
         h = cfg.hrem
         self.cfg = h
         self.ranking = RankingTerm(cfg.loss)
@@ -44,15 +45,15 @@ class HREMObjective(nn.Module):
     def forward(self, out: dict, img_batch, txt_batch, progress) -> dict:
         positives = positive_mask(img_batch.image_index, txt_batch.image_index)
         v, u = out["img"], out["txt"]
-        base = self.ranking(v @ u.T, positives, progress)
+        base = self.ranking(self.similarity(v, u), positives, progress)
         if progress.step < self.cfg.instance_warmup_steps:
             return {"loss": base, "base": base.detach()}
         v_bar, u_bar, graph = self.enhance(out)
         terms = {
             "base": base,
-            "enh_enh": self.ranking(v_bar @ u_bar.T, positives, progress),
-            "enh_base": self.ranking(v_bar @ u.T, positives, progress),
-            "base_enh": self.ranking(v @ u_bar.T, positives, progress),
+            "enh_enh": self.ranking(self.similarity(v_bar, u_bar), positives, progress),
+            "enh_base": self.ranking(self.similarity(v_bar, u), positives, progress),
+            "base_enh": self.ranking(self.similarity(v, u_bar), positives, progress),
             "reg": self.cfg.reg_weight * relevance_regularizer(v, u, graph, self.cfg.sigma),
         }
         total = sum(terms.values())

@@ -10,19 +10,20 @@ from itmatch.objectives.base import RankingTerm
 
 
 class VSEObjective(nn.Module):
-    """The configured ranking loss on global embeddings, positives from image ids.
+    """The configured ranking loss on the model's similarity of the batch, positives from image ids.
 
     With `loss.name: hinge`, the hinge sums over negatives while `progress.epoch <
     loss.sum_warmup_epochs` and keeps only the hardest negative afterwards (VSE-infinity).
     """
 
-    def __init__(self, loss_cfg: LossConfig | Config):
+    def __init__(self, loss_cfg: LossConfig | Config, similarity):
         super().__init__()
         # A whole Config is accepted too (methods that wrap this objective pass theirs).
         self.ranking = RankingTerm(loss_cfg.loss if isinstance(loss_cfg, Config) else loss_cfg)
+        self.similarity = similarity  # the model's own: training scores pairs as evaluation does
 
     def forward(self, out: dict, img_batch: ImageBatch, txt_batch: TextBatch, progress) -> dict:
         positives = positive_mask(img_batch.image_index, txt_batch.image_index)
-        sims = out["img"] @ out["txt"].T  # embeddings are unit vectors: this is the cosine
+        sims = self.similarity(out["img"], out["txt"])
         loss = self.ranking(sims, positives, progress)
         return {"loss": loss, self.ranking.name: loss.detach()}

@@ -1,4 +1,4 @@
-"""Similarity of global embeddings: cosine, i.e. the dot product of L2-normalised vectors."""
+"""Similarity of global embeddings (one vector per item): cosine, i.e. the dot product of unit vectors."""
 
 from __future__ import annotations
 
@@ -15,17 +15,11 @@ def cosine_similarity(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
     return l2_normalize(img) @ l2_normalize(txt).T
 
 
-@torch.no_grad()
-def cosine_similarity_chunked(img: torch.Tensor, txt: torch.Tensor, chunk: int = 4096,
-                              device: torch.device | str | None = None) -> torch.Tensor:
-    """`cosine_similarity` for large sets, without gradients: image rows are scored `chunk` at a
-    time on `device` (default: where `txt` lives) and gathered into one float32 (N, M) CPU tensor."""
-    if chunk < 1:
-        raise ValueError("chunk must be >= 1")
-    device = torch.device(device) if device is not None else txt.device
-    txt_n = l2_normalize(txt.to(device))
-    out = torch.empty(img.shape[0], txt.shape[0], dtype=torch.float32)
-    for start in range(0, img.shape[0], chunk):
-        block = l2_normalize(img[start:start + chunk].to(device))
-        out[start:start + chunk] = (block @ txt_n.T).float().cpu()
-    return out
+def dot_similarity(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """(N, D) x (M, D) -> (N, M) dot products: the cosine where both sides are unit vectors."""
+    return img @ txt.T
+
+
+def pair_dot(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """(P, D) x (P, D) -> (P,) dot products of aligned rows."""
+    return (img * txt).sum(-1)

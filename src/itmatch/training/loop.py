@@ -15,7 +15,6 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +24,15 @@ from itmatch.config import Config
 from itmatch.device import resolve_device
 from itmatch.files import atomic_write_text
 from itmatch.errors import ItmatchError
+from itmatch.objectives.base import StepContext, TrainProgress, call_hooks
 from itmatch import checkpoint as ckpt
 from itmatch.data.setup import load_configured_split, resolve_data_root, take_images
 from itmatch.training.optim import build_optimizer, check_schedule, lr_multiplier, set_learning_rates
+from itmatch.training.hooks import NeighbourRefresh
 from itmatch.training.rng import capture_rng, restore_rng
 from itmatch.training.run_log import RunLog
 
 LATEST = "LATEST"
-
-
-@dataclass
-class TrainProgress:
-    """What objectives may read about where training is (warm-ups, schedules of loss terms)."""
-
-    epoch: int = 0
-    step: int = 0
-    total_steps: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -86,7 +78,7 @@ class Trainer:
         else:
             self.tokenizer = build_tokenizer(cfg.model.text, self.train_split.captions)
         self.model = build_model(cfg, self.tokenizer).to(self.device)
-        self.objective = build_objective(cfg).to(self.device)
+        self.objective = build_objective(cfg, self.model).to(self.device)
 
         transform = (image_transform(cfg.model.image.image_size, train=True, flip=cfg.model.image.hflip)
                      if cfg.model.image.kind == "grid" else None)
@@ -96,6 +88,7 @@ class Trainer:
             image_transform=transform, seed=cfg.train.seed,
         )
         self.sampler = self._build_sampler()
+        self.hooks = [NeighbourRefresh(self.sampler)] if hasattr(self.sampler, "needs_embeddings") else []
         self.total_steps = 0
         for epoch in range(cfg.train.epochs):  # batches per epoch may change (neighbour sampling)
             self.sampler.set_epoch(epoch)
@@ -129,21 +122,24 @@ class Trainer:
                 refresh_epochs=sc.refresh_epochs)
         raise ItmatchError(f"config key 'sampler.kind': unknown sampler {sc.kind!r} (use random, neighbour)")
 
-    def _refresh_neighbours(self) -> None:
-        """Neighbour sampling clusters the current image embeddings at the start of an epoch."""
-        needs = getattr(self.sampler, "needs_embeddings", None)
-        if needs is None or self.batch_in_epoch > 0 or not needs(self.epoch):
-            return
+    def _encode_train_images(self) -> torch.Tensor:
+        """(N, D) embeddings of every training image under the current weights, in eval mode."""
         from itmatch.evaluation.encode import encode_images
 
         was_training = self.model.training
         self.model.eval()
-        with torch.random.fork_rng(devices=[]):
-            emb = encode_images(self.model, self.train_split, self.cfg.model, self.cfg.train.eval_batch_size,
-                                self.device)
-        self.model.train(was_training)
-        self.sampler.fit_clusters(emb.numpy(), self.epoch)
-        self.sampler.set_epoch(self.epoch)
+        try:
+            return encode_images(self.model, self.train_split, self.cfg.model, self.cfg.train.eval_batch_size,
+                                 self.device)
+        finally:
+            self.model.train(was_training)
+
+    def _call_hooks(self, hook: str, progress: TrainProgress) -> None:
+        """The trainer's own hooks (neighbour refresh), then every hooked part of the objective."""
+        ctx = StepContext(self.model, progress, self._encode_train_images)
+        for h in self.hooks:
+            getattr(h, hook)(ctx)
+        call_hooks(self.objective, hook, ctx)
 
     def _load_state(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -243,7 +239,8 @@ class Trainer:
             while self.epoch < cfg.train.epochs and self.step < self.total_steps:
                 self.sampler.set_epoch(self.epoch)
                 self.dataset.set_epoch(self.epoch)
-                self._refresh_neighbours()
+                progress.epoch, progress.step, progress.batch_in_epoch = self.epoch, self.step, self.batch_in_epoch
+                self._call_hooks("on_epoch_start", progress)
                 self.sampler.skip_batches(self.batch_in_epoch)
                 self.model.train()
                 self.objective.train()
@@ -261,6 +258,8 @@ class Trainer:
                     terms = self._train_step(img_batch, txt_batch, progress)
                     self.step += 1
                     self.batch_in_epoch += 1
+                    progress.step, progress.batch_in_epoch = self.step, self.batch_in_epoch
+                    self._call_hooks("after_step", progress)
                     n_window += len(txt_batch)
                     if self.step % cfg.train.log_every_steps == 0 or self.step == self.total_steps:
                         rate = n_window / max(1e-9, time.perf_counter() - t_window)
