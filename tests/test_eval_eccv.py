@@ -18,7 +18,8 @@ import itmatch.evaluation.eccv as eccv
 from itmatch.data.split import RetrievalSplit
 from itmatch.errors import ItmatchError
 from itmatch.evaluation.protocols import evaluate_sims
-from itmatch.evaluation.ranking import embedding_scores, relevance_ranking, retrieval_metrics
+from itmatch.evaluation.ranking import relevance_ranking, retrieval_metrics
+from itmatch.evaluation.scores import embedding_scores
 
 ECCV_KEYS = ("eccv_map_at_r_i2t", "eccv_map_at_r_t2i", "eccv_rprecision_i2t", "eccv_rprecision_t2i",
              "eccv_r1_i2t", "eccv_r1_t2i")

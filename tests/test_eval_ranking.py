@@ -9,17 +9,14 @@ import torch
 
 from itmatch.errors import ItmatchError
 from itmatch.evaluation.ranking import (
-    BlockScores,
-    DenseScores,
-    MeanScores,
     Ranks,
-    embedding_scores,
     ground_truth_ranks,
     recall_metrics,
     relevance_ranking,
     retrieval_metrics,
     twin_accuracy,
 )
+from itmatch.evaluation.scores import BlockScores, DenseScores, MeanScores, embedding_scores
 
 POLICIES = ("pessimistic", "optimistic")
 

@@ -56,18 +56,24 @@ def test_training_learns_far_above_chance(tiny_scenes, tmp_path):
 
 
 def test_checkpoint_round_trip_gives_identical_similarities(tiny_scenes, tmp_path):
-    from itmatch.evaluation.encode import score_split
+    from itmatch.evaluation.encode import split_scores
     from itmatch.data.setup import load_configured_split
 
     cfg = small_config(tiny_scenes, "train.max_steps=4")
     trainer = Trainer(cfg, tmp_path / "run", echo=False)
     trainer.fit()
     split = load_configured_split(cfg.data, "test")
-    before = score_split(trainer.model, split, trainer.tokenizer, cfg.model, 64)
+    before = split_scores(trainer.model, split, trainer.tokenizer, cfg.model, 64).dense()
     model, tokenizer, cfg2 = from_pretrained(tmp_path / "run" / "best")
-    after = score_split(model, split, tokenizer, cfg2.model, 64)
+    after = split_scores(model, split, tokenizer, cfg2.model, 64).dense()
     np.testing.assert_array_equal(before, after)
     assert cfg2.to_dict() == cfg.to_dict()
+    # the public entry: a run folder gives its best model, no image transform for region features
+    import itmatch
+
+    loaded, transform, tok = itmatch.load(tmp_path / "run")
+    assert transform is None and not loaded.training and tok.words == tokenizer.words
+    np.testing.assert_array_equal(split_scores(loaded, split, tok, batch_size=64).dense(), before)
 
 
 def test_resumed_run_matches_uninterrupted_step_for_step(tiny_scenes, tmp_path):
@@ -168,3 +174,71 @@ def test_grid_path_trains_end_to_end_on_image_files(tiny_scenes, tmp_path):
     assert main(["eval", str(run), "--split", "test", "--output", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     assert report["n_images"] == 40 and report["n_captions"] == 200 and np.isfinite(report["metrics"]["rsum"])
+
+
+class _HookedObjective(torch.nn.Module):
+    """VSE's objective plus state that only hooks change: a step count, the epochs started, and an
+    EMA of the image encoder's first weight (what a momentum encoder keeps)."""
+
+    def __init__(self, cfg, model):
+        from itmatch.objectives.base import TrainingHooks
+        from itmatch.objectives.vse import VSEObjective
+
+        super().__init__()
+        self.base = VSEObjective(cfg.loss, model.similarity)
+
+        class Counter(torch.nn.Module, TrainingHooks):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+                self.register_buffer("epochs", torch.zeros((), dtype=torch.long))
+                first = next(model.parameters())
+                self.register_buffer("ema", first.detach().clone())
+
+            def on_epoch_start(self, ctx):
+                if ctx.progress.batch_in_epoch == 0:
+                    self.epochs += 1
+
+            def after_step(self, ctx):
+                self.steps += 1
+                self.ema.mul_(0.9).add_(next(ctx.model.parameters()).detach(), alpha=0.1)
+
+        self.counter = Counter()
+
+    def forward(self, out, img_batch, txt_batch, progress):
+        return self.base(out, img_batch, txt_batch, progress)
+
+
+class _Hooked:
+    @staticmethod
+    def build_model(cfg, tokenizer):
+        from itmatch.models.backbone import VSEModel
+
+        return VSEModel(cfg.model, tokenizer)
+
+    @staticmethod
+    def build_objective(cfg, model):
+        return _HookedObjective(cfg, model)
+
+
+def test_objective_hooks_run_and_their_state_survives_resume(tiny_scenes, tmp_path):
+    from itmatch.checkpoint import load_training_state
+    from itmatch.methods.registry import register_method, unregister_method
+
+    register_method("toy_hooked")(_Hooked)
+    try:
+        common = ["model.method=toy_hooked", "train.batch_size=64", "train.epochs=2", "train.checkpoint_every_steps=4"]
+        full = Trainer(small_config(tiny_scenes, *common), tmp_path / "full", echo=False)
+        full.fit()
+        assert int(full.objective.counter.steps) == full.step == 18
+        assert int(full.objective.counter.epochs) == 2
+        Trainer(small_config(tiny_scenes, *common, "train.max_steps=6"), tmp_path / "cut", echo=False).fit()
+        (tmp_path / "cut" / "checkpoints" / "LATEST").write_text("step-00000004\n")
+        resumed = Trainer(small_config(tiny_scenes, *common), tmp_path / "cut", resume="latest", echo=False)
+        resumed.fit()
+        assert int(resumed.objective.counter.steps) == 18 and int(resumed.objective.counter.epochs) == 2
+        torch.testing.assert_close(resumed.objective.counter.ema, full.objective.counter.ema, rtol=1e-5, atol=1e-6)
+        state = load_training_state(tmp_path / "cut" / "checkpoints" / "step-00000018")
+        assert int(state["objective"]["counter.steps"]) == 18  # the objective's buffers are in the checkpoint
+    finally:
+        unregister_method("toy_hooked")

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from itmatch import __version__
+from itmatch.version import __version__
 from itmatch.config import Config, config_from_dict
 from itmatch.errors import ItmatchError
 from itmatch.files import replace_dir
@@ -100,6 +100,25 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cpu"):
             f"checkpoint {folder} does not match its config: {' '.join(first[:2])[:300]}"
         ) from None
     return model.to(device).eval(), tokenizer, cfg
+
+
+def load(path: str | Path, device: str | torch.device = "cpu"):
+    """`(model, image_transform, tokenizer)` from a run folder or a checkpoint folder, ready for inference.
+
+    In the spirit of open_clip's `create_model_and_transforms`: `image_transform` turns a PIL image
+    into the tensor `encode_image` expects (grid models), and is None for models that read
+    precomputed region features; `tokenizer.encode_batch(texts, max_length)` gives token ids and
+    masks for `encode_text`. The model is in eval mode on `device` ("auto" picks CUDA if present).
+    """
+    from itmatch.device import resolve_device
+
+    model, tokenizer, cfg = from_pretrained(resolve_checkpoint(path), resolve_device(device))
+    transform = None
+    if cfg.model.image.kind == "grid":
+        from itmatch.data.datasets import image_transform
+
+        transform = image_transform(cfg.model.image.image_size, train=False)
+    return model, transform, tokenizer
 
 
 def load_training_state(folder: str | Path) -> dict:

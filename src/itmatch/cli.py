@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from itmatch import __version__
+from itmatch.version import __version__
 from itmatch.errors import ItmatchError
 
 

@@ -54,11 +54,11 @@ def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: i
     t_train = time.perf_counter() - t0 - t_data
 
     print("[3/3] evaluating the best dev checkpoint on test", flush=True)
-    report, sims, split = evaluate_checkpoint(out / "best", str(data), "test", "scenes", cfg.train.eval_batch_size)
+    report, scores, split = evaluate_checkpoint(out / "best", str(data), "test", "scenes", cfg.train.eval_batch_size)
     report["timings_s"] = {"data": round(t_data, 1), "train": round(t_train, 1),
                            "total": round(time.perf_counter() - t0, 1)}
     write_report(report, out / "test_report.json")
-    write_html_report(out / "report.html", report, sims, split, curves_png=out / "curves.png",
+    write_html_report(out / "report.html", report, scores.dense(), split, curves_png=out / "curves.png",
                       title="itmatch demo: VSE-infinity on scenes")
     print(format_report(report))
     print(f"report: {out / 'report.html'} | JSON: {out / 'test_report.json'} | "

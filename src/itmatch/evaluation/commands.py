@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from itmatch.errors import ItmatchError
-from itmatch.evaluation.ranking import DenseScores, MeanScores, ScoreSource
+from itmatch.evaluation.scores import DenseScores, MeanScores, ScoreSource
 
 DEFAULT_CAPTIONS_PER_IMAGE = 5
 
@@ -84,15 +84,17 @@ def cmd_eval_sims(args) -> int:
 
 
 def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol: str | None,
-                        batch_size: int = 256, device: str = "auto"):
-    """(report, sims, split) for a checkpoint on one split."""
+                        batch_size: int = 256, device: str = "auto", save_sims: str | Path | None = None):
+    """(report, scores, split) for a checkpoint on one split; `scores` is a ScoreSource (`.dense()`
+    gives the matrix where it fits in memory). With `save_sims`, the matrix is first written there
+    block by block and the metrics read it back memory-mapped, so no pair is scored twice."""
     import time
 
-    from itmatch import __version__
+    from itmatch.version import __version__
     from itmatch.checkpoint import from_pretrained
     from itmatch.data.setup import load_configured_split, resolve_data_root
     from itmatch.device import resolve_device
-    from itmatch.evaluation.encode import score_split
+    from itmatch.evaluation.encode import split_scores
     from itmatch.evaluation.protocols import evaluate_sims
 
     dev = resolve_device(device)
@@ -101,31 +103,28 @@ def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol
     root = resolve_data_root(data_cfg)
     split_data = load_configured_split(data_cfg, split, root, check_finite=True)
     t0 = time.perf_counter()
-    sims = score_split(model, split_data, tokenizer, cfg.model, batch_size, dev)
-    encode_s = time.perf_counter() - t0
+    scores = split_scores(model, split_data, tokenizer, cfg.model, batch_size, dev)
+    if save_sims is not None:
+        scores = DenseScores(load_sims(scores.save_npy(save_sims)), name=str(save_sims))
     if protocol is None:
         protocol = "scenes" if split_data.relevance is not None else "plain"
-    report = evaluate_sims(sims, protocol, split_data, dataset=str(root), split_name=split)
-    report.update({"method": cfg.model.method, "checkpoint": str(checkpoint), "encode_and_score_s": round(encode_s, 3),
-                   "version": __version__})
-    return report, sims, split_data
+    report = evaluate_sims(scores, protocol, split_data, dataset=str(root), split_name=split)
+    report.update({"method": cfg.model.method, "kind": model.kind, "checkpoint": str(checkpoint),
+                   "encode_and_score_s": round(time.perf_counter() - t0, 3), "version": __version__})
+    return report, scores, split_data
 
 
 def cmd_eval(args) -> int:
+    from itmatch.checkpoint import resolve_checkpoint
     from itmatch.evaluation.report import format_report, write_report
 
-    from itmatch.checkpoint import resolve_checkpoint
-
     checkpoint = resolve_checkpoint(args.checkpoint)
-    report, sims, _ = evaluate_checkpoint(checkpoint, args.data, args.split, args.protocol,
-                                          args.batch_size, args.device)
+    report, scores, _ = evaluate_checkpoint(checkpoint, args.data, args.split, args.protocol,
+                                            args.batch_size, args.device, save_sims=args.save_sims)
     print(format_report(report))
     if args.output:
         write_report(report, args.output)
         print(f"report written to {args.output}")
     if args.save_sims:
-        from itmatch.files import atomic_write_bytes
-
-        atomic_write_bytes(Path(args.save_sims), lambda f: np.save(f, sims, allow_pickle=False))
-        print(f"similarities ({sims.shape[0]} images x {sims.shape[1]} captions) written to {args.save_sims}")
+        print(f"similarities ({scores.shape[0]} images x {scores.shape[1]} captions) written to {args.save_sims}")
     return 0

@@ -20,14 +20,8 @@ import scipy.sparse as sp
 import torch
 
 from itmatch.errors import ItmatchError
-from itmatch.evaluation.ranking import (
-    ScoreSource,
-    _few,
-    _row_blocks,
-    as_score_source,
-    default_chunk_rows,
-    is_pessimistic,
-)
+from itmatch.evaluation.ranking import _row_blocks, is_pessimistic
+from itmatch.evaluation.scores import ScoreSource, _few, as_score_source
 
 ECCV_TARGETS = ("eccv_r1", "eccv_map_at_r", "eccv_rprecision")
 MIN_LIST_LENGTH = 50
@@ -162,7 +156,7 @@ def eccv_rankings(scores, image_ids: Sequence, caption_ids: Sequence | None, cap
     i2t_top = np.zeros((len(q_rows), len_i2t), dtype=np.int64)
     t2i_parts = []
     q_cols_t = torch.as_tensor(q_cols, device=dev)
-    for start, stop in _row_blocks(n_img, chunk_rows or default_chunk_rows(n_cap), "eccv"):
+    for start, stop in _row_blocks(n_img, chunk_rows or source.chunk_rows, "eccv"):
         block = source.rows(start, stop)
         local = np.flatnonzero(query_of_row[start:stop] >= 0)
         if len(local):

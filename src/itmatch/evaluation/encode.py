@@ -1,19 +1,22 @@
 """Encode a split with a trained model and score it: the bridge from models to the metric engine.
 
-Embedding methods (kind "global" or "set") encode each side once, independently; the similarity
-matrix is then built in blocks by the model's own `similarity`, so evaluation and search always use
-the same function as training.
+Each side is encoded once, independently, in batches; the encodings (global vectors, sets or
+fragments: see `models/contract.py`) stay on the CPU. Scores are then computed on demand by the
+model's own `similarity`, tiled in the blocks the model declares, so evaluation uses the same
+function as training and never holds the images x captions matrix unless a caller asks for it.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from itmatch.data.split import RetrievalSplit
+from itmatch.evaluation.scores import ScoreSource, score_model
+from itmatch.models.contract import Encoding, cat_encodings, to_storage
 
 
-def _image_transform(model_cfg):
+def image_transform_for(model_cfg):
+    """The evaluation transform of image files for a grid model; None for region features."""
     if model_cfg.image.kind != "grid":
         return None
     from itmatch.data.datasets import image_transform
@@ -22,39 +25,33 @@ def _image_transform(model_cfg):
 
 
 @torch.inference_mode()
-def encode_images(model, split: RetrievalSplit, model_cfg, batch_size: int = 256, device="cpu") -> torch.Tensor:
+def encode_images(model, split: RetrievalSplit, model_cfg, batch_size: int = 256, device="cpu") -> Encoding:
     from itmatch.data.datasets import ImageDataset, make_loader
 
-    ds = ImageDataset(split, image_transform=_image_transform(model_cfg))
-    out = [model.encode_image(b.to(device)).float().cpu() for b in make_loader(ds, batch_size, shuffle=False)]
-    return torch.cat(out)
+    ds = ImageDataset(split, image_transform=image_transform_for(model_cfg))
+    loader = make_loader(ds, batch_size, shuffle=False)
+    return cat_encodings([to_storage(model.encode_image(b.to(device))) for b in loader])
 
 
 @torch.inference_mode()
-def encode_captions(model, split: RetrievalSplit, tokenizer, model_cfg, batch_size: int = 256, device="cpu") -> torch.Tensor:
+def encode_captions(model, split: RetrievalSplit, tokenizer, model_cfg, batch_size: int = 256,
+                    device="cpu") -> Encoding:
     from itmatch.data.datasets import CaptionDataset, make_loader
 
     ds = CaptionDataset(split, tokenizer, max_length=model_cfg.text.max_length)
-    out = [model.encode_text(b.to(device)).float().cpu() for b in make_loader(ds, batch_size, shuffle=False)]
-    return torch.cat(out)
+    loader = make_loader(ds, batch_size, shuffle=False)
+    return cat_encodings([to_storage(model.encode_text(b.to(device))) for b in loader])
 
 
-@torch.inference_mode()
-def similarity_matrix(model, img: torch.Tensor, txt: torch.Tensor, block: int = 4096, device="cpu") -> np.ndarray:
-    sims = np.empty((img.shape[0], txt.shape[0]), dtype=np.float32)
-    txt_d = txt.to(device)
-    for start in range(0, img.shape[0], block):
-        sims[start : start + block] = model.similarity(img[start : start + block].to(device), txt_d).float().cpu().numpy()
-    return sims
+def split_scores(model, split: RetrievalSplit, tokenizer, model_cfg=None, batch_size: int = 256,
+                 device="cpu") -> ScoreSource:
+    """The images x captions scores of a whole split, as a source the metric engine reads in blocks.
 
-
-def score_split(model, split: RetrievalSplit, tokenizer, model_cfg, batch_size: int = 256, device="cpu") -> np.ndarray:
-    """The images x captions similarity matrix of a whole split."""
-    was_training = model.training
+    Scores are computed lazily, while the metrics read them, so the model is put in eval mode and
+    must stay so until the caller is done with the source (the trainer switches back after
+    validation). `model_cfg` (image size of grid models, caption length) defaults to `model.cfg`."""
+    model_cfg = model_cfg if model_cfg is not None else model.cfg
     model.eval()
-    try:
-        img = encode_images(model, split, model_cfg, batch_size, device)
-        txt = encode_captions(model, split, tokenizer, model_cfg, batch_size, device)
-        return similarity_matrix(model, img, txt, device=device)
-    finally:
-        model.train(was_training)
+    img = encode_images(model, split, model_cfg, batch_size, device)
+    txt = encode_captions(model, split, tokenizer, model_cfg, batch_size, device)
+    return score_model(model, img, txt, device=device)

@@ -20,16 +20,13 @@ import scipy.sparse as sp
 from itmatch.data.split import RetrievalSplit
 from itmatch.errors import ItmatchError
 from itmatch.evaluation.ranking import (
-    ArrayLike,
-    ScoreSource,
-    SubScores,
-    as_score_source,
     check_caption_to_image,
     is_pessimistic,
     relevance_ranking,
     retrieval_metrics,
     twin_accuracy,
 )
+from itmatch.evaluation.scores import ArrayLike, ScoreSource, SubScores, as_score_source
 from itmatch.evaluation.report import build_report
 
 PROTOCOLS = ("plain", "f30k-1k", "coco-1k", "coco-5k", "scenes", "eccv")

@@ -4,8 +4,8 @@
 ("how many negatives score at least as high as this positive?") instead of a sort, so one
 sequential pass over blocks of image rows gives both directions with memory bounded by the block
 size: a 100k x 500k evaluation never holds the whole matrix. Scores come from a `ScoreSource`
-(a dense array, a memory-mapped .npy, an average of several, or a function that computes a block
-of rows on demand, e.g. from embeddings).
+(`scores.py`: a dense array, a memory-mapped .npy, an average of several, or a model's similarity
+computed block by block on its encodings).
 
 Tie policy (see docs/evaluation.md): "pessimistic" (default) ranks a positive after every negative
 with an equal score; "optimistic" ranks it before them. Positives tied with each other never hurt.
@@ -14,7 +14,7 @@ with an equal score; "optimistic" ranks it before them. Positives tied with each
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,227 +23,16 @@ import torch
 from tqdm import tqdm
 
 from itmatch.errors import ItmatchError
+from itmatch.evaluation.scores import ArrayLike, ScoreSource, _few, as_score_source
 
 TIE_POLICIES = ("pessimistic", "optimistic")
 RECALL_KS = (1, 5, 10)
-# Elements per row block: 2**24 float32 scores are 64 MiB, plus a few boolean masks of 16 MiB.
-BLOCK_ELEMENTS = 2**24
-
-ArrayLike = np.ndarray | torch.Tensor
 
 
 def is_pessimistic(tie_policy: str) -> bool:
     if tie_policy not in TIE_POLICIES:
         raise ItmatchError(f"unknown tie policy {tie_policy!r}: choose one of {', '.join(TIE_POLICIES)}")
     return tie_policy == "pessimistic"
-
-
-# ------------------------------------------------------------------------------ score sources
-def _as_float(t: torch.Tensor) -> torch.Tensor:
-    """Comparisons and -inf masking need floats; half precision is widened on the CPU."""
-    if not t.is_floating_point():
-        return t.double()
-    if t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cpu":
-        return t.float()
-    return t
-
-
-def _numpy_to_torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype.kind not in "biuf":
-        raise ItmatchError(f"similarity scores must be real numbers, got dtype {a.dtype}")
-    if not (a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative):
-        # memory-mapped (read-only) or non-native byte order: copy the block
-        a = np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
-    if a.dtype == np.bool_:
-        a = a.astype(np.uint8)
-    return torch.from_numpy(a)
-
-
-class ScoreSource:
-    """Similarity scores of shape (n_images, n_captions), read in blocks of rows and at given pairs."""
-
-    shape: tuple[int, int]
-    name: str = "similarity matrix"
-    device: torch.device = torch.device("cpu")
-
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Scores of image rows start..stop-1 against every caption: (stop-start, n_captions)."""
-        block = _as_float(self._rows(start, stop))
-        _check_finite(block, self.name, start)
-        return block
-
-    def pairs(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        """Scores S[rows[k], cols[k]] as a 1-D tensor (same values as the row blocks hold)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        cols = np.asarray(cols, dtype=np.int64)
-        values = _as_float(self._pairs(rows, cols)).reshape(-1)
-        if not torch.isfinite(values).all():
-            bad = rows[(~torch.isfinite(values)).cpu().numpy()]
-            raise ItmatchError(f"{self.name}: NaN or infinite score in row(s) {_few(np.unique(bad))}")
-        return values
-
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _pairs(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def _check_finite(block: torch.Tensor, name: str, start: int) -> None:
-    if block.numel() == 0:
-        return
-    low, high = torch.aminmax(block)  # NaN propagates: one cheap reduction in the common case
-    if not (torch.isfinite(low) and torch.isfinite(high)):
-        bad = (~torch.isfinite(block)).any(1).nonzero().flatten().cpu().numpy() + start
-        raise ItmatchError(f"{name}: NaN or infinite score in row(s) {_few(bad)}")
-
-
-def _few(values: np.ndarray | Sequence, limit: int = 5) -> str:
-    values = [int(v) for v in values]
-    shown = ", ".join(str(v) for v in values[:limit])
-    return shown + (f", ... ({len(values)} in all)" if len(values) > limit else "")
-
-
-class DenseScores(ScoreSource):
-    """A dense numpy array (memory-mapped or not) or torch tensor."""
-
-    def __init__(self, scores: ArrayLike, name: str = "similarity matrix"):
-        if scores.ndim != 2:
-            raise ItmatchError(f"{name}: expected a 2-D images x captions matrix, got shape {tuple(scores.shape)}")
-        self.scores = scores
-        self.shape = (int(scores.shape[0]), int(scores.shape[1]))
-        self.name = name
-        self.device = scores.device if isinstance(scores, torch.Tensor) else torch.device("cpu")
-
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
-        if isinstance(self.scores, torch.Tensor):
-            return self.scores[start:stop]
-        return _numpy_to_torch(self.scores[start:stop])
-
-    def _pairs(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        if isinstance(self.scores, torch.Tensor):
-            index = (torch.as_tensor(rows, device=self.device), torch.as_tensor(cols, device=self.device))
-            return self.scores[index]
-        return _numpy_to_torch(np.ascontiguousarray(self.scores[rows, cols]))
-
-
-class BlockScores(ScoreSource):
-    """Scores computed on demand: `row_fn(start, stop)` returns a block of rows.
-
-    `pair_fn(rows, cols)` gives single scores cheaply; without it they are read from row blocks
-    (exact, but up to one extra pass). Its values must equal the blocks' values for exact ties.
-    """
-
-    def __init__(self, row_fn: Callable[[int, int], ArrayLike], shape: tuple[int, int],
-                 pair_fn: Callable[[np.ndarray, np.ndarray], ArrayLike] | None = None,
-                 name: str = "similarity scores", device: torch.device | str = "cpu",
-                 chunk_rows: int | None = None):
-        self.row_fn, self.pair_fn = row_fn, pair_fn
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.name = name
-        self.device = torch.device(device)
-        self.chunk_rows = chunk_rows or default_chunk_rows(self.shape[1])
-
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
-        block = self.row_fn(start, stop)
-        return _numpy_to_torch(block) if isinstance(block, np.ndarray) else block
-
-    def _pairs(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        if self.pair_fn is not None:
-            values = self.pair_fn(rows, cols)
-            return _numpy_to_torch(np.asarray(values)) if not isinstance(values, torch.Tensor) else values
-        out = None
-        chunk = self.chunk_rows
-        block_of = rows // chunk
-        for b in np.unique(block_of):
-            sel = np.flatnonzero(block_of == b)
-            start = int(b) * chunk
-            block = self.rows(start, min(start + chunk, self.shape[0]))
-            vals = block[torch.as_tensor(rows[sel] - start, device=block.device),
-                         torch.as_tensor(cols[sel], device=block.device)]
-            if out is None:
-                out = torch.empty(len(rows), dtype=vals.dtype, device=vals.device)
-            out[torch.as_tensor(sel, device=vals.device)] = vals
-        return out if out is not None else torch.empty(0, device=self.device)
-
-
-def embedding_scores(image_embeddings: torch.Tensor, caption_embeddings: torch.Tensor,
-                     name: str = "embedding similarities") -> BlockScores:
-    """Dot-product scores of two embedding matrices, never materialising the full matrix."""
-    img, cap = image_embeddings, caption_embeddings
-
-    def row_fn(start: int, stop: int) -> torch.Tensor:
-        return img[start:stop] @ cap.T
-
-    def pair_fn(rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        r = torch.as_tensor(rows, device=img.device)
-        c = torch.as_tensor(cols, device=cap.device)
-        return (img[r] * cap[c]).sum(-1)
-
-    return BlockScores(row_fn, (img.shape[0], cap.shape[0]), pair_fn, name=name, device=img.device)
-
-
-class MeanScores(ScoreSource):
-    """The element-wise mean of several sources of one shape (an ensemble)."""
-
-    def __init__(self, sources: Sequence[ScoreSource]):
-        if not sources:
-            raise ItmatchError("no similarity matrices to average")
-        first = sources[0]
-        for other in sources[1:]:
-            if other.shape != first.shape:
-                raise ItmatchError(f"shape mismatch: {first.name} is {first.shape[0]} x {first.shape[1]} but "
-                                   f"{other.name} is {other.shape[0]} x {other.shape[1]}")
-        self.sources = list(sources)
-        self.shape = first.shape
-        self.device = first.device
-        self.name = " + ".join(s.name for s in sources) if len(sources) > 1 else first.name
-
-    def _mean(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        dtype = torch.promote_types(torch.float32, parts[0].dtype)
-        total = parts[0].to(self.device, dtype)
-        for p in parts[1:]:
-            total = total + p.to(self.device, dtype)
-        return total / len(parts)
-
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
-        return self._mean([s.rows(start, stop) for s in self.sources])
-
-    def _pairs(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        return self._mean([s.pairs(rows, cols) for s in self.sources])
-
-
-class SubScores(ScoreSource):
-    """Rows row_start..row_stop-1 and the given caption columns of another source (a 1K fold)."""
-
-    def __init__(self, parent: ScoreSource, row_start: int, row_stop: int, cols: np.ndarray):
-        self.parent, self.row_start = parent, row_start
-        self.cols = np.asarray(cols, dtype=np.int64)
-        contiguous = len(self.cols) > 0 and np.array_equal(
-            self.cols, np.arange(self.cols[0], self.cols[0] + len(self.cols)))
-        self._col_index = (slice(int(self.cols[0]), int(self.cols[0]) + len(self.cols)) if contiguous
-                           else torch.as_tensor(self.cols, device=parent.device))
-        self.shape = (row_stop - row_start, len(self.cols))
-        self.name, self.device = parent.name, parent.device
-
-    def _rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.parent.rows(self.row_start + start, self.row_start + stop)[:, self._col_index]
-
-    def _pairs(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        return self.parent.pairs(rows + self.row_start, self.cols[cols])
-
-
-def as_score_source(scores: ArrayLike | ScoreSource, name: str = "similarity matrix") -> ScoreSource:
-    if isinstance(scores, ScoreSource):
-        return scores
-    if isinstance(scores, (np.ndarray, torch.Tensor)):
-        return DenseScores(scores, name)
-    raise ItmatchError(f"similarity scores must be a numpy array, a torch tensor or a ScoreSource, "
-                       f"got {type(scores).__name__}")
-
-
-def default_chunk_rows(n_cols: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(1, n_cols))
 
 
 def _row_blocks(n_rows: int, chunk_rows: int, desc: str) -> Iterator[tuple[int, int]]:
@@ -300,7 +89,7 @@ def ground_truth_ranks(scores: ArrayLike | ScoreSource, caption_to_image: np.nda
     own_score = source.pairs(c2i, np.arange(n_cap))  # each caption's score with its own image
     i2t = torch.empty(n_img, dtype=torch.int64, device=dev)
     t2i = torch.zeros(n_cap, dtype=torch.int64, device=dev)
-    chunk = chunk_rows or default_chunk_rows(n_cap)
+    chunk = chunk_rows or source.chunk_rows
     for start, stop in _row_blocks(n_img, chunk, "ranking"):
         block = source.rows(start, stop)
         caps = torch.as_tensor(by_image[first[start]:first[stop]], device=dev)  # this block's positives
@@ -438,7 +227,7 @@ def relevance_ranking(scores: ArrayLike | ScoreSource, i2t_positives, t2i_positi
     running = None
 
     i2t_out = [np.full(n_img, np.nan) for _ in range(3)]
-    chunk = chunk_rows or default_chunk_rows(n_cap)
+    chunk = chunk_rows or source.chunk_rows
     for start, stop in _row_blocks(n_img, chunk, "mAP@R"):
         block = source.rows(start, stop)
         ninf = torch.tensor(float("-inf"), dtype=block.dtype, device=dev)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itmatch import __version__
+from itmatch.version import __version__
 from itmatch.errors import ItmatchError
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",

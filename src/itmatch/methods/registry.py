@@ -41,6 +41,11 @@ def register_method(name: str):
     return wrap
 
 
+def unregister_method(name: str) -> None:
+    """Remove a method (tests that register throw-away methods clean up with this)."""
+    _METHODS.pop(name, None)
+
+
 def _load_all() -> None:
     for module in _METHOD_MODULES:
         try:

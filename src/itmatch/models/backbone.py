@@ -85,6 +85,8 @@ class VSEModel(nn.Module):
     """
 
     kind = "global"
+    # Scoring a block is one matrix product: rows are bounded by the engine's row blocks already.
+    score_block = (4096, 1 << 16)
 
     def __init__(self, cfg: ModelConfig, tokenizer, image_pool: nn.Module | None = None,
                  text_pool: nn.Module | None = None, load_pretrained: bool = True):

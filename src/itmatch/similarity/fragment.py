@@ -7,6 +7,9 @@ their top-K (Eq. 8, the matching vector q). Padding never matches and never coun
 `scores="scan"` (default, as HREM's public code) passes the cosines through LeakyReLU(0.1) and an
 l2 normalisation across the fragments being matched *to* (SCAN's attention normalisation) before
 taking maxima; `scores="cosine"` takes Eq. 7 literally on the cosines.
+
+`max_region_similarity` is the pair-joint score of fragment models (TERAN's MrSw): the similarity
+a `score` model evaluates with, in blocks.
 """
 
 from __future__ import annotations
@@ -72,3 +75,23 @@ def fragment_matching(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: 
     p_i2t = region_best.sum(-1) / img_mask.sum(1).clamp(min=1)[:, None]
     p_t2i = word_best.sum(-1) / txt_mask.sum(1).clamp(min=1)[:, None]
     return FragmentMatching(p_i2t, p_t2i, _topk_padded(region_best, rmask, k), _topk_padded(word_best, wmask, k))
+
+
+def max_region_similarity(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: torch.Tensor,
+                          txt_mask: torch.Tensor, word_reduce: str = "sum") -> torch.Tensor:
+    """(Ni, Nt) TERAN-style MrSw scores: each word's best region cosine, summed (or averaged) over words.
+
+    The pair-joint similarity of fragment (`score`) models: one matmul over all region-word pairs,
+    memory Ni*R*Nt*T (the caller bounds Ni x Nt through the model's score_block)."""
+    if word_reduce not in ("sum", "mean"):
+        raise ValueError(f"word_reduce must be sum or mean, got {word_reduce!r}")
+    r = F.normalize(img_frag, dim=-1)
+    c = F.normalize(txt_frag, dim=-1)
+    ni, nr = r.shape[:2]
+    nt, nw = c.shape[:2]
+    sim = (r.reshape(ni * nr, -1) @ c.reshape(nt * nw, -1).T).view(ni, nr, nt, nw)
+    best = sim.masked_fill(~img_mask[:, :, None, None], float("-inf")).amax(1)  # (Ni, Nt, T)
+    best = best.masked_fill(~txt_mask[None], 0.0).sum(-1)
+    if word_reduce == "mean":
+        best = best / txt_mask.sum(1).clamp(min=1)[None, :]
+    return best

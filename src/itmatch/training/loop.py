@@ -181,14 +181,18 @@ class Trainer:
 
     # -------------------------------------------------------------------------- validation
     def validate(self) -> dict:
-        from itmatch.evaluation.encode import score_split
+        from itmatch.evaluation.encode import split_scores
         from itmatch.evaluation.protocols import evaluate_sims
 
-        sims = score_split(self.model, self.dev_split, self.tokenizer, self.cfg.model,
-                           self.cfg.train.eval_batch_size, self.device)
-        protocol = "scenes" if self.dev_split.relevance is not None else "plain"
-        report = evaluate_sims(sims, protocol, self.dev_split, dataset=str(self.cfg.data.root),
-                               split_name=self.cfg.data.dev_split)
+        was_training = self.model.training
+        try:
+            scores = split_scores(self.model, self.dev_split, self.tokenizer, self.cfg.model,
+                                  self.cfg.train.eval_batch_size, self.device)
+            protocol = "scenes" if self.dev_split.relevance is not None else "plain"
+            report = evaluate_sims(scores, protocol, self.dev_split, dataset=str(self.cfg.data.root),
+                                   split_name=self.cfg.data.dev_split)
+        finally:
+            self.model.train(was_training)
         return report["metrics"]
 
     # ----------------------------------------------------------------------------- the loop
