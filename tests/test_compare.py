@@ -125,3 +125,173 @@ def test_seed_paired_difference_is_a_t_interval_of_per_seed_differences():
     assert r.frac_positive == 1.0 and r.method == "seed-paired t"
     same = seed_paired_difference([1.0, 2.0], [1.0, 2.0])
     assert (same.mean, same.low, same.high, same.frac_positive) == (0.0, 0.0, 0.0, 0.0)
+
+
+# ------------------------------------------------------------------------------- the command
+def test_as_matrix_accepts_arrays_tensors_and_score_sources():
+    import torch
+
+    from itmatch.compare.runs import _as_matrix
+    from itmatch.errors import ItmatchError
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    class Source:
+        def dense(self):
+            return torch.as_tensor(a)
+
+    for sims in (a, torch.as_tensor(a), Source()):
+        out = _as_matrix(sims)
+        assert isinstance(out, np.ndarray) and np.array_equal(out, a)
+    with pytest.raises(ItmatchError):
+        _as_matrix([[1.0]])
+
+
+def test_any_numeric_report_metric_is_ordered_filtered_and_summarised():
+    from itmatch.compare.command import analyse, order_metrics
+    from itmatch.errors import ItmatchError
+
+    keys = {"t2i_meanr", "twin_acc_t2i_swap_colour", "rsum", "map_at_r_t2i_kind_count", "i2t_r1"}
+    assert order_metrics(keys, None) == ["rsum", "i2t_r1", "map_at_r_t2i_kind_count", "twin_acc_t2i_swap_colour",
+                                         "t2i_meanr"]
+    assert order_metrics(keys, "twin_*,rsum") == ["twin_acc_t2i_swap_colour", "rsum"]
+    with pytest.raises(ItmatchError, match="names no metric"):
+        order_metrics(keys, "nope")
+    runs = [{"label": lab, "seed": s, "metrics": {"twin_acc_t2i_swap_colour": v}, "query_metrics": {},
+             "n_images": 3} for lab, s, v in [("a", 0, 50.0), ("a", 1, 60.0), ("b", 0, 55.0), ("b", 1, 70.0)]]
+    res = analyse(runs, ["a", "b"], [0, 1], "a", ["twin_acc_t2i_swap_colour"], 200, 0)
+    assert res["summary"]["b"]["twin_acc_t2i_swap_colour"]["mean"] == 62.5
+    diff = res["differences"]["b"]["twin_acc_t2i_swap_colour"]
+    assert diff["method"] == "seed-paired t" and diff["mean"] == 7.5
+
+
+def _compare_args(data, out, *extra):
+    return ["compare", "vse_scenes", "--label", "margin=vse_scenes", "--set-for", "margin:loss.margin=0.05",
+            "--baseline", "vse_scenes", "--seed-list", "0,1", "--out", str(out), "--bootstrap", "200",
+            "--set", f"data.root={data}", "--set", "train.max_steps=2", "--set", "train.epochs=1",
+            "--set", "train.batch_size=32", *extra]
+
+
+def _call(argv):
+    import contextlib
+    import io
+
+    from itmatch.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_scenes, tmp_path_factory):
+    """One comparison of 2 arms x 2 seeds on tiny scenes (each run: 2 steps), made once for this module."""
+    import torch
+
+    root = tmp_path_factory.mktemp("compare")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to a busy machine
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ITMATCH_CACHE", str(root / "cache"))
+            rc, out, err = _call(_compare_args(tiny_scenes, root / "cmp"))
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0, err
+    return root / "cmp", out
+
+
+def test_compare_writes_tables_json_and_plot(compared):
+    out, log = compared
+    for name in ("compare.md", "compare.json", "compare.png", "spec.json"):
+        assert (out / name).is_file()
+    for run in ("vse_scenes-s0", "vse_scenes-s1", "margin-s0", "margin-s1"):
+        assert (out / "runs" / run / "best" / "model.safetensors").is_file()
+        assert (out / "runs" / run / "finished.json").is_file()
+        assert (out / "runs" / run / "eval-test.npz").is_file()
+    assert log.count(": training") == 4
+    result = json.loads((out / "compare.json").read_text())
+    assert result["arms"] == ["vse_scenes", "margin"] and result["seeds"] == [0, 1]
+    assert result["metrics"][:3] == ["rsum", "i2t_r1", "i2t_r5"]
+    assert {"map_at_r_t2i", "twin_acc_t2i"} <= set(result["metrics"])
+    assert len(result["runs"]) == 4 and not result["notes"]
+    # the bootstrap serves every metric with per-query values, rSum included
+    assert {"rsum", "i2t_r1", "t2i_r10", "map_at_r_i2t", "rprecision_t2i"} <= set(result["bootstrapped"])
+    for m in result["metrics"]:
+        values = [r["metrics"][m] for r in result["runs"] if r["label"] == "margin"]
+        assert result["summary"]["margin"][m]["mean"] == pytest.approx(np.mean(values))
+        # a config against itself: exactly zero, zero-width interval
+        self_diff = result["differences"]["vse_scenes"][m]
+        assert (self_diff["mean"], self_diff["low"], self_diff["high"]) == (0.0, 0.0, 0.0), m
+    d = result["differences"]["margin"]["rsum"]
+    assert d["method"] == "bootstrap" and d["low"] <= d["mean"] <= d["high"]
+    # rSum's observed difference is the difference of the mean rSums (per-query values reproduce the reports)
+    s = result["summary"]
+    assert d["mean"] == pytest.approx(s["margin"]["rsum"]["mean"] - s["vse_scenes"]["rsum"]["mean"], abs=1e-9)
+    # the Markdown: one row per metric in the interval table, one column per arm; one row per run
+    md = (out / "compare.md").read_text()
+    sections = md.split("## ")
+    table = [line for line in sections[1].splitlines() if line.startswith("| ")]
+    assert table[0] == "| metric | `vse_scenes` | `margin` |"
+    assert [row.split(" | ")[0][2:] for row in table[2:]] == result["metrics"]
+    runs_table = [line for line in sections[3].splitlines() if line.startswith("| `")]
+    assert len(runs_table) == 4
+    assert "fewer than 3" in md
+
+
+def test_second_call_retrains_and_reevaluates_nothing(compared, tiny_scenes):
+    out, _ = compared
+    weights = sorted((out / "runs").glob("*/best/model.safetensors"))
+    before = [p.stat().st_mtime_ns for p in weights]
+    rc, log, err = _call(_compare_args(tiny_scenes, out, "--metrics", "rsum,map_at_r_*"))
+    assert rc == 0, err
+    assert log.count("not retrained") == 4 and log.count("evaluation on test cached") == 4
+    assert ": training" not in log
+    assert [p.stat().st_mtime_ns for p in weights] == before
+    assert json.loads((out / "compare.json").read_text())["metrics"] == ["rsum", "map_at_r_i2t", "map_at_r_t2i"]
+
+
+def test_an_interrupted_run_is_resumed_not_retrained(compared, tiny_scenes):
+    out, _ = compared
+    (out / "runs" / "margin-s1" / "finished.json").unlink()  # as if killed after its last checkpoint
+    rc, log, err = _call(_compare_args(tiny_scenes, out))
+    assert rc == 0, err
+    assert "margin-s1: interrupted earlier, resuming" in log and log.count("not retrained") == 3
+    assert (out / "runs" / "margin-s1" / "finished.json").is_file()
+    assert "margin-s1: evaluation on test cached" in log  # best/ did not change
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--set", "train.epochs=2"], "holds a comparison made with --set"),
+    (["--set-for", "margin:loss.margin=0.3"], "holds an arm 'margin'"),
+])
+def test_an_incompatible_earlier_comparison_is_refused_untouched(compared, tiny_scenes, change, message):
+    out, _ = compared
+    files = {p: p.read_bytes() for p in (out / "compare.md", out / "compare.json", out / "spec.json")}
+    rc, log, err = _call(_compare_args(tiny_scenes, out, *change))
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert all(p.read_bytes() == b for p, b in files.items())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "vse_scenes", "no_such_config"], "config file not found: no_such_config"),
+    (["compare", "vse_scenes", "--baseline", "hrem_scenes"], "--baseline 'hrem_scenes' is not among"),
+    (["compare", "vse_scenes", "--label", "vse_scenes=dias_scenes"], "duplicate label 'vse_scenes'"),
+    (["compare", "vse_scenes", "--set", "train.seed=4"], "must not set train.seed"),
+    (["compare", "vse_scenes", "--set", "model.nope=1"], "unknown config key 'model.nope'"),
+    (["compare", "vse_scenes", "--set-for", "other:loss.margin=1"], "no arm is labelled 'other'"),
+    (["compare", "vse_scenes", "--seed-list", "0,0"], "repeats a seed"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, message):
+    rc, _, err = _call([*argv, "--out", str(tmp_path / "cmp")])
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_a_folder_that_is_no_comparison_is_refused(tmp_path):
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "notes.txt").write_text("mine")
+    rc, _, err = _call(["compare", "vse_scenes", "--out", str(tmp_path / "cmp")])
+    assert rc == 2 and "holds no comparison" in err
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["notes.txt"]
