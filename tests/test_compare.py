@@ -244,7 +244,9 @@ def test_second_call_retrains_and_reevaluates_nothing(compared, tiny_scenes):
     out, _ = compared
     weights = sorted((out / "runs").glob("*/best/model.safetensors"))
     before = [p.stat().st_mtime_ns for p in weights]
-    rc, log, err = _call(_compare_args(tiny_scenes, out, "--metrics", "rsum,map_at_r_*"))
+    # another device is no other comparison
+    rc, log, err = _call(_compare_args(tiny_scenes, out, "--metrics", "rsum,map_at_r_*", "--device", "cpu",
+                                       "--set", "train.device=cpu"))
     assert rc == 0, err
     assert log.count("not retrained") == 4 and log.count("evaluation on test cached") == 4
     assert ": training" not in log

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--bootstrap", type=int, default=10000, metavar="B", help="bootstrap resamples")
     cp.add_argument("--bootstrap-seed", type=int, default=0)
     cp.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    cp.add_argument("--device", default="auto")
+    cp.add_argument("--device", default="auto", help="training and evaluation device (auto: cuda where present)")
     cp.set_defaults(func=_handler("itmatch.compare.command:cmd_compare"))
 
     de = sub.add_parser("demo", help="generate scenes, train the baseline, evaluate, write a report")

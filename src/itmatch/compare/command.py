@@ -79,6 +79,13 @@ def _check_overrides(overrides: list[str], what: str) -> None:
         raise ItmatchError(f"{what} must not set train.seed: the seeds come from --seeds / --seed-list")
 
 
+def _budget(overrides: list[str]) -> dict:
+    """The overrides that define the runs: all but train.device (where a run trains does not change it)."""
+    parsed = parse_overrides(overrides)
+    parsed.get("train", {}).pop("device", None)
+    return {k: v for k, v in parsed.items() if v != {}}
+
+
 def check_out_dir(out: Path, spec: dict) -> dict:
     """Refuse a folder holding an incompatible earlier comparison; return the spec to write."""
     path = out / SPEC
@@ -91,7 +98,7 @@ def check_out_dir(out: Path, spec: dict) -> dict:
         old_overrides, old_arms = old["overrides"], old["arms"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise ItmatchError(f"{path} is damaged: choose another --out") from None
-    if parse_overrides(old_overrides) != parse_overrides(spec["overrides"]):
+    if _budget(old_overrides) != _budget(spec["overrides"]):
         raise ItmatchError(f"{out} holds a comparison made with --set {' '.join(old_overrides) or '(none)'}, "
                            f"not {' '.join(spec['overrides']) or '(none)'}: choose another --out")
     for label, arm in spec["arms"].items():
