@@ -91,6 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=_handler("itmatch.evaluation.commands:cmd_eval"))
 
+    cp = sub.add_parser("compare", help="train configs x seeds on one budget; intervals and paired differences")
+    cp.add_argument("configs", nargs="*", metavar="CONFIG", help="configs to compare (labelled by file name)")
+    cp.add_argument("--label", dest="labels", action="append", default=[], metavar="NAME=CONFIG",
+                    help="add an arm NAME that trains CONFIG (repeatable; the same config may appear twice)")
+    cp.add_argument("--baseline", default=None, metavar="NAME", help="arm the others are compared to (default: the first)")
+    cp.add_argument("--out", required=True, help="comparison folder (runs/, compare.md, compare.json, compare.png)")
+    seeds = cp.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 (default 3)")
+    seeds.add_argument("--seed-list", default=None, metavar="S,S,...", help="explicit seeds, e.g. 0,1,2")
+    cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every run, e.g. --set train.epochs=4 (repeatable)")
+    cp.add_argument("--set-for", dest="set_for", action="append", default=[], metavar="NAME:KEY=VALUE",
+                    help="override for one arm only (repeatable)")
+    cp.add_argument("--split", default="test")
+    cp.add_argument("--protocol", default=None,
+                    choices=["f30k-1k", "coco-1k", "coco-5k", "scenes", "eccv", "plain"],
+                    help="default: scenes for scenes data, plain otherwise")
+    cp.add_argument("--metrics", default=None, metavar="M,M,...",
+                    help="metrics to report, in this order; globs allowed (default: every numeric metric)")
+    cp.add_argument("--bootstrap", type=int, default=10000, metavar="B", help="bootstrap resamples")
+    cp.add_argument("--bootstrap-seed", type=int, default=0)
+    cp.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    cp.add_argument("--device", default="auto", help="training and evaluation device (auto: cuda where present)")
+    cp.set_defaults(func=_handler("itmatch.compare.command:cmd_compare"))
+
     de = sub.add_parser("demo", help="generate scenes, train the baseline, evaluate, write a report")
     de.add_argument("--out", default="runs/demo", help="run folder")
     de.add_argument("--data", default=None, help="scenes cache folder (default .cache/scenes-default)")
