@@ -73,6 +73,9 @@ def _attribute_swap(scene: Scene, rng: np.random.Generator) -> tuple[Caption, Ca
         swapped = list(objs)
         swapped[a] = replace(objs[a], **{attr: getattr(objs[b], attr)})
         swapped[b] = replace(objs[b], **{attr: getattr(objs[a], attr)})
+        if len({(o.shape, o.colour, o.size) for o in swapped}) < len(objs) or \
+                len({(o.shape, o.colour, o.size) for o in objs}) < len(objs):
+            continue  # grouped twins ("two red circles") would change the sentence, not just two words
         true_text, true_facts = _description(objs)
         foil_text, foil_facts = _description(swapped)
         foil = Caption(foil_text, "foil", foil_facts)

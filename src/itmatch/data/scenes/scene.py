@@ -214,7 +214,7 @@ def sample_scene(rng: np.random.Generator, comp: bool = False) -> Scene:
                     break
             else:
                 break
-        if len(placed) < n or (shows_holdout(placed) if comp else not respects_holdout(placed)):
+        if len(placed) < n or not (shows_holdout(placed) if comp else respects_holdout(placed)):
             continue
         if layout_ok(placed):
             return Scene(placed, background)
@@ -253,7 +253,8 @@ def _count_twin(scene: Scene, rng: np.random.Generator, comp: bool) -> tuple[Sce
 
 
 def _twin_ok(objs: list[SceneObject], comp: bool) -> bool:
-    return comp or respects_holdout(objs)
+    # a twin stays on its side of the split: held-out combinations in test_comp only, and always there
+    return shows_holdout(objs) if comp else respects_holdout(objs)
 
 
 def make_twin(scene: Scene, rng: np.random.Generator, comp: bool = False) -> tuple[Scene, dict] | None:
