@@ -51,6 +51,16 @@ def check_version(root: Path) -> None:
                            f"`itmatch data scenes --out NEW_FOLDER`")
 
 
+def _is_scenes_manifest(path: Path) -> bool:
+    """A scenes.json written by the generator (another file of that name, e.g. a report, is not)."""
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == "itmatch-scenes"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_annotations(split: RetrievalSplit) -> SceneAnnotations | None:
     """The annotations of a scenes split, or None for a split that is not from a scenes folder.
 
@@ -62,9 +72,10 @@ def load_annotations(split: RetrievalSplit) -> SceneAnnotations | None:
     root = Path(split.root) if split.root is not None else None
     name = split.name
     path = None if root is None else root / f"{name}_captions.jsonl"
-    if root is None or not ((root / "scenes.json").is_file() or path.is_file()):
+    manifest = root is not None and _is_scenes_manifest(root / "scenes.json")
+    if root is None or not (manifest or path.is_file()):
         return None  # not a scenes folder
-    if (root / "scenes.json").is_file():  # absent only while the generator computes the ceilings
+    if manifest:  # absent only while the generator computes the ceilings
         check_version(root)
     if not path.is_file():
         raise ItmatchError(f"{root}: scenes split {name!r} has no {path.name}; regenerate the folder")
