@@ -19,9 +19,12 @@ from PIL import Image
 
 from itmatch.cli import main
 
-SPLITS = ("train", "dev", "test")
-TINY = {"train": 120, "dev": 40, "test": 40}
+SPLITS = ("train", "dev", "test", "test_comp", "test_set")
+TINY = {"train": 120, "dev": 40, "test": 40, "test_comp": 20, "test_set": 20}
 R, F = 12, 1280
+OBJ_SLOTS = 4
+CONTEXT = np.array([[0, 0, 128, 128], [0, 0, 64, 64], [64, 0, 128, 64], [0, 64, 64, 128], [64, 64, 128, 128],
+                    [32, 32, 96, 96], [0, 0, 64, 128], [64, 0, 128, 128]], np.float32)
 
 
 def read_lines(path: Path) -> list[str]:
@@ -38,20 +41,52 @@ def obj_matches(obj: dict, desc: dict) -> bool:
     return all(desc[k] is None or desc[k] == obj[k] for k in ("shape", "colour", "size"))
 
 
-def fact_true(fact: dict, graph: dict) -> bool:
+def relation_value(a: dict, rel: str, b: dict):
+    """True when the centres are at least the documented gap apart along the axis, None (undetermined)
+    when less but more than 0, False otherwise; bigger_than is r_a >= 1.4 r_b, never undetermined."""
+    if rel == "bigger_than":
+        return a["r"] >= 1.4 * b["r"]
+    gap = max(16.0, 0.6 * (a["r"] + b["r"]))
+    d = {"left_of": b["cx"] - a["cx"], "right_of": a["cx"] - b["cx"], "above": b["cy"] - a["cy"],
+         "below": a["cy"] - b["cy"]}[rel]
+    return True if d >= gap else (None if d > 0 else False)
+
+
+def fact_value(fact: dict, graph: dict):
+    """True, False or None (undetermined: 0 < offset < gap for a spatial relation) by plain loops."""
     objs = graph["objects"]
     if fact["type"] == "exists":
         return any(obj_matches(o, fact["desc"]) for o in objs)
     if fact["type"] == "count":
         return sum(obj_matches(o, fact["desc"]) for o in objs) == fact["n"]
     assert fact["type"] == "rel"
-    stated = {(i, r, j) for i, r, j in graph["relations"]}
-    return any((i, fact["rel"], j) in stated and obj_matches(objs[i], fact["a"]) and obj_matches(objs[j], fact["b"])
-               for i in range(len(objs)) for j in range(len(objs)) if i != j)
+    value = False
+    for i, a in enumerate(objs):
+        for j, b in enumerate(objs):
+            if i == j or not (obj_matches(a, fact["a"]) and obj_matches(b, fact["b"])):
+                continue
+            v = relation_value(a, fact["rel"], b)
+            if v is True:
+                return True
+            if v is None:
+                value = None
+    return value
+
+
+def caption_value(caption: dict, graph: dict):
+    values = [fact_value(f, graph) for f in caption["facts"]]
+    if False in values:
+        return False
+    return None if None in values else True
 
 
 def caption_true(caption: dict, graph: dict) -> bool:
-    return all(fact_true(f, graph) for f in caption["facts"])
+    return caption_value(caption, graph) is True
+
+
+def columns(graph: dict) -> list[dict]:
+    """Every caption column of an image in file order: main captions, then (true, foil) pairs."""
+    return graph["captions"] + [p[k] for p in graph["minimal_pairs"] for k in ("true", "foil")]
 
 
 # --- layout -------------------------------------------------------------------------------------------
@@ -60,6 +95,7 @@ def test_every_file_has_the_documented_layout(tiny_scenes):
     root = tiny_scenes
     manifest = json.loads((root / "scenes.json").read_text())
     assert manifest["seed"] == 0 and manifest["sizes"] == TINY and manifest["feature_extractor"]
+    assert manifest["version"] == 2 and (root / "ceilings.json").is_file()
     all_ids = []
     for split in SPLITS:
         n = TINY[split]
@@ -70,36 +106,54 @@ def test_every_file_has_the_documented_layout(tiny_scenes):
         boxes = np.load(root / f"{split}_boxes.npy")
         assert boxes.shape == (n, R, 4) and boxes.dtype == np.float32
         assert (boxes >= 0).all() and (boxes <= 128).all()
-        assert (boxes[..., 2] > boxes[..., 0] + 2).all() and (boxes[..., 3] > boxes[..., 1] + 2).all()
-        # every image keeps one whole-image box
-        assert (np.all(boxes == np.array([0, 0, 128, 128], np.float32), axis=-1).sum(axis=1) == 1).all()
+        # one template: the context slots are the same everywhere, object slots hold the objects first
+        assert (boxes[:, OBJ_SLOTS:] == CONTEXT).all()
+        graphs = read_graphs(root, split)
+        filled = (boxes[:, :OBJ_SLOTS, 2:] > boxes[:, :OBJ_SLOTS, :2]).all(-1)
+        assert (filled.sum(1) == [len(g["objects"]) for g in graphs]).all()
+        assert (filled[:, :-1] >= filled[:, 1:]).all()  # empty slots come last
+        assert (boxes[:, :OBJ_SLOTS][~filled] == 0).all() and (np.asarray(ims)[:, :OBJ_SLOTS][~filled] == 0).all()
 
         caps = read_lines(root / f"{split}_caps.txt")
         ids = read_lines(root / f"{split}_ids.txt")
         capids = read_lines(root / f"{split}_capids.txt")
-        assert len(caps) == 5 * n and len(ids) == n and len(capids) == 5 * n
+        infos = [json.loads(line) for line in read_lines(root / f"{split}_captions.jsonl")]
+        assert len(caps) == len(capids) == len(infos) and len(ids) == n
+        assert [i["id"] for i in infos] == capids
         assert all(c.strip() == c and c for c in caps)
-        assert len(set(ids)) == n and len(set(capids)) == 5 * n
-        assert ids[7] == f"scene-{split}-000007"
+        assert len(set(ids)) == n and len(set(capids)) == len(capids)
+        assert ids[7 % n] == f"scene-{split}-{7 % n:06d}"
         all_ids += ids
+        main_caps = [c for c, i in zip(caps, infos) if i["role"] == "main"]
+        if split in ("train", "dev"):  # the training splits keep the plain layout: 5 captions per image
+            assert len(caps) == 5 * n and not (root / f"{split}_cap2img.txt").exists()
+            assert {i["role"] for i in infos} == {"main"}
+        else:
+            cap2img = [int(x) for x in read_lines(root / f"{split}_cap2img.txt")]
+            assert cap2img == [i["image"] for i in infos] and cap2img == sorted(cap2img)
+        if split in ("test", "test_comp"):
+            assert len(main_caps) == 5 * n and {i["role"] for i in infos} == {"main", "probe", "foil"}
+        for k, i in enumerate(infos):  # a foil points at the true caption just before it, same image
+            if i["role"] == "foil":
+                assert i["pair"] == k - 1 and infos[k - 1]["role"] == "probe"
+                assert infos[k - 1]["change"] == i["change"] and infos[k - 1]["image"] == i["image"]
 
         with open(root / f"{split}.csv", newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
-        assert len(rows) == 5 * n and [r["caption"] for r in rows] == caps
-        assert rows[5]["image"] == f"images/{split}/{ids[1]}.png"
+        assert [r["caption"] for r in rows] == main_caps
         for path in {r["image"] for r in rows[:15]}:
             with Image.open(root / path) as im:
                 assert im.size == (128, 128) and im.mode == "RGB"
         assert len(list((root / "images" / split).glob("*.png"))) == n
 
-        graphs = read_graphs(root, split)
         assert [g["id"] for g in graphs] == ids
-        assert [c["text"] for g in graphs for c in g["captions"]] == caps
-        assert [c["id"] for g in graphs for c in g["captions"]] == capids
+        assert [c["text"] for g in graphs for c in columns(g)] == caps
+        assert [c["id"] for g in graphs for c in columns(g)] == capids
         assert all(2 <= len(g["objects"]) <= 4 for g in graphs)
 
-        rel = sp.load_npz(root / f"{split}_relevance.npz")
-        assert rel.format == "csr" and rel.dtype == bool and rel.shape == (5 * n, n)
+        for name in ("relevance", "undetermined"):
+            rel = sp.load_npz(root / f"{split}_{name}.npz")
+            assert rel.format == "csr" and rel.dtype == bool and rel.shape == (len(caps), n)
         twins = np.load(root / f"{split}_twins.npy")
         assert twins.dtype == np.int64 and twins.ndim == 2 and twins.shape[1] == 2
     assert len(set(all_ids)) == len(all_ids)
@@ -121,19 +175,24 @@ def test_captions_are_varied_and_cover_every_kind(tiny_scenes):
 # --- relevance against the scene graphs -------------------------------------------------------------
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_relevance_equals_a_slow_evaluation_of_the_facts(tiny_scenes, split):
+def test_relevance_and_undetermined_equal_a_slow_evaluation_of_the_facts(tiny_scenes, split):
     graphs = read_graphs(tiny_scenes, split)
-    captions = [c for g in graphs for c in g["captions"]]
-    expected = np.array([[caption_true(c, g) for g in graphs] for c in captions])
+    cols = [(row, c) for row, g in enumerate(graphs) for c in columns(g)]
+    values = [[caption_value(c, g) for g in graphs] for _row, c in cols]
     rel = sp.load_npz(tiny_scenes / f"{split}_relevance.npz").toarray()
-    np.testing.assert_array_equal(rel, expected)
-    own = np.repeat(np.arange(len(graphs)), 5)
-    assert rel[np.arange(len(captions)), own].all()
-    # partial captions have many positives, full descriptions almost only their own image
-    positives = rel.sum(axis=1)
-    kinds = np.array([c["kind"] for c in captions])
-    assert positives[kinds == "partial"].mean() > 3 * positives[kinds == "full"].mean()
-    assert positives.max() > 1
+    und = sp.load_npz(tiny_scenes / f"{split}_undetermined.npz").toarray()
+    np.testing.assert_array_equal(rel, np.array([[v is True for v in row] for row in values]))
+    np.testing.assert_array_equal(und, np.array([[v is None for v in row] for row in values]))
+    kinds = np.array([c["kind"] for _row, c in cols])
+    own = np.array([row for row, _c in cols])
+    at_own = rel[np.arange(len(cols)), own]
+    assert at_own[kinds != "foil"].all()  # every caption is true of its own image ...
+    assert not at_own[kinds == "foil"].any() and not und[np.arange(len(cols)), own].any()  # ... foils false
+    if split == "train":
+        # partial captions have many positives, full descriptions almost only their own image
+        positives = rel.sum(axis=1)
+        assert positives[kinds == "partial"].mean() > 3 * positives[kinds == "full"].mean()
+        assert und.sum() > 0  # the margin zone does occur
 
 
 def test_stated_relations_follow_the_documented_geometry(tiny_scenes):
@@ -167,31 +226,39 @@ def test_twins_differ_by_one_swap_and_have_discriminative_captions(tiny_scenes, 
     graphs = read_graphs(tiny_scenes, split)
     twins = np.load(tiny_scenes / f"{split}_twins.npy")
     n = len(graphs)
-    assert 0.15 * n <= 2 * len(twins) <= 0.3 * n
+    if split == "test_set":  # the set track has no twins
+        assert len(twins) == 0
+        return
+    assert 0.1 * n <= 2 * len(twins) <= 0.3 * n
     assert len(np.unique(twins)) == twins.size  # an image has at most one twin
-    rel = sp.load_npz(tiny_scenes / f"{split}_relevance.npz").toarray()
     for a, b in twins:
         ga, gb = graphs[a], graphs[b]
         assert ga["twin"]["row"] == b and gb["twin"]["row"] == a
         assert ga["background"] == gb["background"]
         oa, ob = ga["objects"], gb["objects"]
-        assert len(oa) == len(ob)
-        changed = [k for k in range(len(oa)) if oa[k] != ob[k]]
-        assert changed == sorted(ga["twin"]["objects"]) and len(changed) == 2
-        i, j = changed
-        key = {"colour": ("colour",), "size": ("size", "r"), "position": ("cx", "cy")}[ga["twin"]["change"]]
-        for field in key:  # the two objects exchanged exactly these fields
-            assert oa[i][field] == ob[j][field] and oa[j][field] == ob[i][field]
+        if ga["twin"]["change"] == "count":  # the same objects plus one more copy of one of them
+            small, big = (oa, ob) if len(oa) < len(ob) else (ob, oa)
+            assert len(big) == len(small) + 1 and big[:-1] == small
+            src, new = ga["twin"]["objects"]
+            assert new == len(small)
+            assert all(big[new][k] == big[src][k] for k in ("shape", "colour", "size", "r"))
+        else:
+            assert len(oa) == len(ob)
+        changed = [k for k in range(min(len(oa), len(ob))) if oa[k] != ob[k]]
+        if ga["twin"]["change"] != "count":
+            assert changed == sorted(ga["twin"]["objects"]) and len(changed) == 2
+        if changed:
+            i, j = changed
+            key = {"colour": ("colour",), "size": ("size", "r"), "position": ("cx", "cy")}[ga["twin"]["change"]]
+            for field in key:  # the two objects exchanged exactly these fields
+                assert oa[i][field] == ob[j][field] and oa[j][field] == ob[i][field]
         # the same words describe both (bag of attributes) for attribute swaps ...
-        if ga["twin"]["change"] != "position":
+        if ga["twin"]["change"] in ("colour", "size"):
             assert Counter(o["shape"] for o in oa) == Counter(o["shape"] for o in ob)
             assert Counter(o["colour"] for o in oa) == Counter(o["colour"] for o in ob)
         # ... yet each twin has a caption that is false of the other
-        caps_a = range(5 * a, 5 * a + 5)
-        caps_b = range(5 * b, 5 * b + 5)
-        assert any(not rel[c, b] for c in caps_a) and any(not rel[c, a] for c in caps_b)
-        assert any(not caption_true(c, gb) for c in ga["captions"])
-        assert any(not caption_true(c, ga) for c in gb["captions"])
+        assert any(caption_value(c, gb) is False for c in ga["captions"])
+        assert any(caption_value(c, ga) is False for c in gb["captions"])
         with Image.open(tiny_scenes / "images" / split / f"{ga['id']}.png") as ia, \
                 Image.open(tiny_scenes / "images" / split / f"{gb['id']}.png") as ib:
             assert np.abs(np.asarray(ia, np.int16) - np.asarray(ib, np.int16)).max() > 100
@@ -268,7 +335,7 @@ def test_complete_folder_is_a_cache_hit_and_other_parameters_are_refused(tiny_sc
 
     out = tmp_path / "small"
     assert scenes_cli(out) == 0 and "wrote" in capsys.readouterr().out
-    assert json.loads((out / "scenes.json").read_text())["sizes"] == {"train": 6, "dev": 4, "test": 4}
+    assert json.loads((out / "scenes.json").read_text())["sizes"] == {"train": 6, "dev": 4, "test": 4, "test_comp": 2, "test_set": 2}
     # a data set without features cannot serve a request with them
     assert main(["data", "scenes", "--out", str(out), "--train", "6", "--dev", "4", "--test", "4"]) == 2
 
@@ -304,8 +371,10 @@ def test_region_features_are_real_cnn_features_of_the_crops(tiny_scenes):
     ims = np.load(tiny_scenes / "dev_ims.npy", mmap_mode="r")
     boxes = np.load(tiny_scenes / "dev_boxes.npy")
     feats = np.asarray(ims)
+    filled = (boxes[..., 2:] > boxes[..., :2]).all(-1)
     assert np.isfinite(feats).all()
-    assert (feats.var(axis=-1) > 0).all()  # every region of every image
+    assert (feats[filled].var(axis=-1) > 0).all()  # every filled region of every image
+    assert (feats[~filled] == 0).all()
     assert (feats.reshape(-1, F).var(axis=0) > 0).mean() > 0.5  # features vary across regions
     # different regions of an image differ; post-ReLU6 pooled values lie in [0, 6]
     assert np.abs(feats[0, 0] - feats[0, 1]).max() > 1e-3
@@ -313,10 +382,16 @@ def test_region_features_are_real_cnn_features_of_the_crops(tiny_scenes):
 
     ids = read_lines(tiny_scenes / "dev_ids.txt")
     with Image.open(tiny_scenes / "images" / "dev" / f"{ids[3]}.png") as im:
-        crops = crop_regions(im.convert("RGB"), boxes[3])
+        picture = np.asarray(im.convert("RGB"))
+        crops = crop_regions(im.convert("RGB"), boxes[3])[filled[3]]
     encoder = RegionEncoder()
     again = encoder.encode(crops)
-    np.testing.assert_allclose(again, feats[3], atol=1e-4)  # conv numerics vary with batch size and threads
+    np.testing.assert_allclose(again, feats[3][filled[3]], atol=1e-4)  # conv numerics vary with batch and threads
+    # object crops are fixed-size windows at the picture's own scale, centred on the box
+    x1, y1, x2, y2 = boxes[3, 0]
+    cx, cy = int(round((x1 + x2) / 2)), int(round((y1 + y2) / 2))
+    grey = np.pad(picture, ((32, 32), (32, 32), (0, 0)), constant_values=127)
+    np.testing.assert_array_equal(crops[0], grey[cy:cy + CROP, cx:cx + CROP])
     # the same crop encodes the same, wherever it sits in a batch
     shuffled = encoder.encode(np.concatenate([crops[5:6], crops[::-1], crops[5:6]]))
     np.testing.assert_allclose(shuffled[0], again[5], atol=1e-5)

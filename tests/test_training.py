@@ -124,7 +124,8 @@ def test_cli_train_eval_and_bad_inputs(tiny_scenes, tmp_path, capsys):
     assert report["protocol"] == "scenes" and report["n_images"] == 40
     assert set(["i2t_r1", "t2i_r10", "rsum", "map_at_r_i2t", "twin_acc_t2i"]) <= set(report["metrics"])
     sims = np.load(sims_path)
-    assert sims.shape == (40, 200)
+    n_captions = len((tiny_scenes / "test_caps.txt").read_text(encoding="utf-8").splitlines())
+    assert sims.shape == (40, n_captions) and n_captions > 200  # 5 per image, plus the minimal-pair foils
     # eval-sims on the saved matrix gives the same numbers.
     report2_path = tmp_path / "report2.json"
     assert main(["eval-sims", str(sims_path), "--protocol", "scenes", "--data", str(tiny_scenes),

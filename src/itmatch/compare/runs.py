@@ -156,32 +156,23 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def full_relevance(relevance, caption_to_image: np.ndarray, shape: tuple[int, int]):
-    """The captions x images relevance the scenes protocol ranks by: stored relevance + own image."""
-    import scipy.sparse as sp
-
-    n_img, n_cap = shape
-    if not sp.issparse(relevance):
-        relevance = sp.csr_matrix(np.asarray(relevance))
-    own = sp.csr_matrix((np.ones(n_cap, dtype=bool), (np.arange(n_cap), caption_to_image)), shape=(n_cap, n_img))
-    return (sp.csr_matrix(relevance, dtype=bool) + own).tocsr().astype(bool)
-
-
 def per_query_arrays(sims, split_data, protocol: str) -> dict[str, np.ndarray]:
-    """Per-query arrays of one evaluation: 0-based ground-truth ranks and, for scenes, mAP@R and R-P."""
-    from itmatch.evaluation.ranking import ground_truth_ranks, relevance_ranking
+    """Per-query arrays of one evaluation: 0-based ground-truth ranks and, for scenes, mAP@R and R-P,
+    computed by the protocol's own per-query function so that their means are the report's values."""
+    from itmatch.evaluation.protocols import scenes_queries
+    from itmatch.evaluation.ranking import ground_truth_ranks
 
     mat = _as_matrix(sims)
+    if protocol == "scenes" and split_data.relevance is not None:
+        q = scenes_queries(mat, split_data)
+        return {"caption_to_image": q.caption_to_image, "i2t_rank": q.ranks.i2t, "t2i_rank": q.ranks.t2i,
+                "map_at_r_i2t": q.i2t.map_at_r, "map_at_r_t2i": q.t2i.map_at_r,
+                "rprecision_i2t": q.i2t.r_precision, "rprecision_t2i": q.t2i.r_precision}
     c2i = np.asarray(split_data.caption_to_image, dtype=np.int64)
     out: dict[str, np.ndarray] = {"caption_to_image": c2i}
     if protocol in WHOLE_MATRIX_PROTOCOLS:
         ranks = ground_truth_ranks(mat, c2i)
         out["i2t_rank"], out["t2i_rank"] = ranks.i2t, ranks.t2i
-    if protocol == "scenes" and split_data.relevance is not None:
-        rel = full_relevance(split_data.relevance, c2i, mat.shape)
-        i2t, t2i = relevance_ranking(mat, rel.T.tocsr(), rel)
-        out.update(map_at_r_i2t=i2t.map_at_r, map_at_r_t2i=t2i.map_at_r,
-                   rprecision_i2t=i2t.r_precision, rprecision_t2i=t2i.r_precision)
     return out
 
 

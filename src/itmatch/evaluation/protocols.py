@@ -5,14 +5,17 @@ f30k-1k   plain, on a 1000-image test split (Flickr30K)
 coco-5k   plain, on the 5000-image COCO test split
 coco-1k   the five 1K folds of ONE 5K matrix (rows i*1000:(i+1)*1000 and those images' captions),
           every metric averaged over the folds (so rSum is the sum of the averaged recalls)
-scenes    plain R@K on each image's own captions, plus mAP@R / R-Precision on the full relevance
-          matrix and the accuracy on hard-negative twins
+scenes    R@K on each image's own captions, mAP@R / R-Precision on the full relevance matrix,
+          twin accuracy; on a scenes folder (format 2) also: undetermined pairs left out of every
+          ranking, only the main captions ranked, per caption kind and per change results,
+          minimal-pair accuracy and set coverage (see docs/evaluation.md)
 eccv      coco-5k plus ECCV Caption's mAP@R, R-Precision and R@1 (eccv-caption package)
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,14 +23,21 @@ import scipy.sparse as sp
 from itmatch.data.split import RetrievalSplit
 from itmatch.errors import ItmatchError
 from itmatch.evaluation.ranking import (
+    QueryScores,
+    Ranks,
     check_caption_to_image,
+    ground_truth_ranks,
     is_pessimistic,
+    pair_accuracy,
+    ranks_without,
+    recall_metrics,
     relevance_ranking,
     retrieval_metrics,
+    set_coverage,
     twin_accuracy,
 )
-from itmatch.evaluation.scores import ArrayLike, ScoreSource, SubScores, as_score_source
 from itmatch.evaluation.report import build_report
+from itmatch.evaluation.scores import ArrayLike, ScoreSource, SubScores, as_score_source
 
 PROTOCOLS = ("plain", "f30k-1k", "coco-1k", "coco-5k", "scenes", "eccv")
 EXPECTED_IMAGES = {"f30k-1k": 1000, "coco-5k": 5000, "coco-1k": 5000, "eccv": 5000}
@@ -96,10 +106,10 @@ def evaluate_sims(sims: ArrayLike | ScoreSource, protocol: str, split: Retrieval
             fold = SubScores(source, start, stop, cols)
             folds.append(retrieval_metrics(fold, c2i[cols] - start, **kwargs))
         metrics = {key: float(np.mean([f[key] for f in folds])) for key in folds[0]}
+    elif protocol == "scenes":
+        metrics = scenes_metrics(source, c2i, split, **kwargs)
     else:
         metrics = retrieval_metrics(source, c2i, **kwargs)
-    if protocol == "scenes":
-        metrics.update(scenes_metrics(source, c2i, split, **kwargs))
     if protocol == "eccv":
         from itmatch.evaluation.eccv import eccv_metrics
 
@@ -113,9 +123,25 @@ def evaluate_sims(sims: ArrayLike | ScoreSource, protocol: str, split: Retrieval
         tie_policy=tie_policy, elapsed_s=time.perf_counter() - t0, metrics=metrics, folds=folds)
 
 
-def scenes_metrics(source: ScoreSource, caption_to_image: np.ndarray, split: RetrievalSplit | None, *,
-                   tie_policy: str, chunk_rows: int | None) -> dict:
-    """mAP@R and R-Precision on the relevance matrix (both directions) and twin accuracy."""
+SCENES_KINDS = ("full", "relation", "attribute", "count", "partial", "object", "subset")
+TWIN_CHANGES = ("colour", "size", "position", "count")
+PAIR_CHANGES = ("relation_swap", "attribute_swap", "count")
+
+
+@dataclass
+class ScenesQueries:
+    """The per-query results behind the scenes totals (what `itmatch compare` bootstraps over)."""
+
+    caption_to_image: np.ndarray  # image row of each ranked (main) caption query
+    ranks: Ranks  # 0-based ranks of the own image / best own caption, undetermined pairs left out
+    i2t: QueryScores  # mAP@R, R-Precision per image query (NaN where R = 0)
+    t2i: QueryScores
+
+
+def _scenes_setup(source: ScoreSource, caption_to_image: np.ndarray, split: RetrievalSplit | None):
+    """(main caption columns, full relevance of the main captions, undetermined pairs, annotations)."""
+    from itmatch.data.scenes.annotations import load_annotations
+
     if split is None or split.relevance is None:
         raise ItmatchError("protocol scenes needs the split's relevance matrix: pass --data with a scenes folder")
     n_img, n_cap = source.shape
@@ -125,16 +151,87 @@ def scenes_metrics(source: ScoreSource, caption_to_image: np.ndarray, split: Ret
     if relevance.shape != (n_cap, n_img):
         raise ItmatchError(f"split {split.name!r}: the relevance matrix is {relevance.shape[0]} x "
                            f"{relevance.shape[1]}, expected captions x images = {n_cap} x {n_img}")
-    # A caption is always relevant to its own image, whatever the stored matrix says.
-    own = sp.csr_matrix((np.ones(n_cap, dtype=bool), (np.arange(n_cap), caption_to_image)), shape=(n_cap, n_img))
+    ann = load_annotations(split)
+    if ann is not None and (len(ann.role) != n_cap or ann.undetermined.shape != (n_cap, n_img)):
+        raise ItmatchError(f"split {split.name!r}: the scenes annotations describe {len(ann.role)} captions x "
+                           f"{ann.undetermined.shape[1]} images, the matrix is {n_cap} x {n_img}")
+    # A caption is always relevant to its own image, whatever the stored matrix says (foils excepted:
+    # they are false of their image by construction and never ranked among the main captions).
+    main = np.arange(n_cap) if ann is None else np.flatnonzero(ann.role == "main")
+    own = sp.csr_matrix((np.ones(len(main), dtype=bool), (main, caption_to_image[main])), shape=(n_cap, n_img))
     relevance = (sp.csr_matrix(relevance, dtype=bool) + own).tocsr().astype(bool)
-    i2t, t2i = relevance_ranking(source, relevance.T.tocsr(), relevance, tie_policy=tie_policy,
-                                 chunk_rows=chunk_rows)
-    s_i2t, s_t2i = i2t.summary(), t2i.summary()
-    out = {"map_at_r_i2t": s_i2t["map_at_r"], "map_at_r_t2i": s_t2i["map_at_r"],
-           "rprecision_i2t": s_i2t["rprecision"], "rprecision_t2i": s_t2i["rprecision"]}
+    und = None if ann is None else ann.undetermined[main]
+    return main, relevance, und, ann
+
+
+def scenes_queries(scores: ArrayLike | ScoreSource, split: RetrievalSplit, *, tie_policy: str = "pessimistic",
+                   chunk_rows: int | None = None) -> ScenesQueries:
+    """Per-query ranks, mAP@R and R-Precision of the scenes protocol (main captions only)."""
+    source = as_score_source(scores)
+    c2i_all = resolve_caption_to_image(*source.shape, split, None)
+    main, relevance, und, _ = _scenes_setup(source, c2i_all, split)
+    return _main_queries(source, c2i_all, main, relevance, und, tie_policy, chunk_rows)
+
+
+def _main_queries(source, c2i_all, main, relevance, und, tie_policy, chunk_rows) -> ScenesQueries:
+    kwargs = {"tie_policy": tie_policy, "chunk_rows": chunk_rows}
+    # Only the main captions are ranked: probes and foils serve the minimal-pair accuracy alone.
+    n_img, n_cap = source.shape
+    sub = source if len(main) == n_cap else SubScores(source, 0, n_img, main)
+    c2i, rel = c2i_all[main], relevance[main]
+    ranks = (ground_truth_ranks(sub, c2i, **kwargs) if und is None or und.nnz == 0
+             else ranks_without(sub, c2i, und, **kwargs))
+    i2t, t2i = relevance_ranking(sub, rel.T.tocsr(), rel, exclude=und, **kwargs)
+    return ScenesQueries(c2i, ranks, i2t, t2i)
+
+
+def scenes_metrics(source: ScoreSource, caption_to_image: np.ndarray, split: RetrievalSplit | None, *,
+                   tie_policy: str, chunk_rows: int | None) -> dict:
+    """Recalls, mAP@R and R-Precision on the relevance matrix (both directions), twin accuracy, and
+    for a scenes folder the per-kind, per-change, minimal-pair and coverage results."""
+    n_img, n_cap = source.shape
+    main, relevance, und, ann = _scenes_setup(source, caption_to_image, split)
+    kwargs = {"tie_policy": tie_policy, "chunk_rows": chunk_rows}
+    q = _main_queries(source, caption_to_image, main, relevance, und, tie_policy, chunk_rows)
+    sub = source if len(main) == n_cap else SubScores(source, 0, n_img, main)
+    c2i, rel = q.caption_to_image, relevance[main]
+    out = recall_metrics(q.ranks)
+    s_i2t, s_t2i = q.i2t.summary(), q.t2i.summary()
+    out.update({"map_at_r_i2t": s_i2t["map_at_r"], "map_at_r_t2i": s_t2i["map_at_r"],
+                "rprecision_i2t": s_i2t["rprecision"], "rprecision_t2i": s_t2i["rprecision"]})
     twins = split.twins if split.twins is not None else np.zeros((0, 2), dtype=np.int64)
-    out.update(twin_accuracy(source, caption_to_image, twins, relevance, tie_policy=tie_policy))
+    out.update(twin_accuracy(sub, c2i, twins, rel, tie_policy=tie_policy, undetermined=und))
+    if ann is None:
+        return out
+
+    kinds = ann.kind[main]
+    out["by_kind"] = {}
+    for kind in [k for k in SCENES_KINDS if k in set(kinds)] + sorted(set(kinds) - set(SCENES_KINDS)):
+        cols = np.flatnonzero(kinds == kind)
+        part = SubScores(source, 0, n_img, main[cols])
+        k_i2t, k_t2i = relevance_ranking(part, rel[cols].T.tocsr(), rel[cols], exclude=und[cols], **kwargs)
+        a, b = k_i2t.summary(), k_t2i.summary()
+        out["by_kind"][kind] = {"captions": int(len(cols)), "map_at_r_i2t": a["map_at_r"],
+                                "map_at_r_t2i": b["map_at_r"], "rprecision_i2t": a["rprecision"],
+                                "rprecision_t2i": b["rprecision"]}
+
+    by_change: dict[str, dict] = {}
+    for change in TWIN_CHANGES:
+        pick = ann.twin_change == change
+        if pick.any():
+            acc = twin_accuracy(sub, c2i, twins[pick], rel, tie_policy=tie_policy, undetermined=und)
+            by_change[change] = {"twin_pairs": int(pick.sum()), **acc}
+    foils = np.flatnonzero(ann.role == "foil")
+    wins = pair_accuracy(source, caption_to_image[foils], ann.pair[foils], foils, tie_policy=tie_policy)
+    out["pair_acc"] = 100.0 * float(wins.mean()) if len(foils) else None
+    for change in PAIR_CHANGES:
+        pick = ann.change[foils] == change
+        if pick.any():
+            by_change.setdefault(change, {}).update(
+                {"minimal_pairs": int(pick.sum()), "pair_acc": 100.0 * float(wins[pick].mean())})
+    out["by_change"] = by_change
+    out["set_coverage"] = set_coverage(sub, c2i, kinds == "object", rel, und, **kwargs)
+    out["undetermined_pairs"] = int(und.nnz)
     return out
 
 

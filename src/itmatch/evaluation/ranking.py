@@ -197,8 +197,8 @@ def _as_bool_csr(matrix, shape: tuple[int, int], what: str) -> sp.csr_matrix:
 
 def relevance_ranking(scores: ArrayLike | ScoreSource, i2t_positives, t2i_positives, *,
                       n_relevant_i2t: np.ndarray | None = None, n_relevant_t2i: np.ndarray | None = None,
-                      tie_policy: str = "pessimistic", chunk_rows: int | None = None
-                      ) -> tuple[QueryScores, QueryScores]:
+                      tie_policy: str = "pessimistic", chunk_rows: int | None = None,
+                      exclude=None) -> tuple[QueryScores, QueryScores]:
     """mAP@R, R-Precision and R@1 for every image query and every caption query, in one pass.
 
     i2t_positives: images x captions (sparse bool): the relevant captions of each image.
@@ -206,6 +206,8 @@ def relevance_ranking(scores: ArrayLike | ScoreSource, i2t_positives, t2i_positi
     R is the number of positives of a query, or n_relevant_* where some relevant items are not in
     the gallery (they then can never be retrieved). mAP@R (Musgrave et al. 2020) is the mean over
     r = 1..R of precision@r where the r-th item is relevant, 0 elsewhere; R-Precision is precision@R.
+    exclude: captions x images (sparse bool) pairs left out of both rankings, e.g. the undetermined
+    pairs of the scenes benchmark: such an item is neither a hit nor a miss for that query.
     """
     source = as_score_source(scores)
     pessimistic = is_pessimistic(tie_policy)
@@ -214,6 +216,11 @@ def relevance_ranking(scores: ArrayLike | ScoreSource, i2t_positives, t2i_positi
     i2t_pos = _as_bool_csr(i2t_positives, (n_img, n_cap), "the image-to-text positives")
     t2i_pos = _as_bool_csr(t2i_positives, (n_cap, n_img), "the text-to-image positives")
     t2i_pos_by_image = t2i_pos.T.tocsr()  # images x captions, to mask row blocks
+    skip = None if exclude is None else _as_bool_csr(exclude, (n_cap, n_img), "the excluded pairs").T.tocsr()
+    if skip is not None:
+        # positives win over exclusions; what is left is removed from every gallery it sits in
+        skip = (skip > i2t_pos.maximum(t2i_pos_by_image)).tocsr()
+        skip.eliminate_zeros()
     n_pos_i2t = np.diff(i2t_pos.indptr).astype(np.int64)
     n_pos_t2i = np.diff(t2i_pos.indptr).astype(np.int64)
     n_rel_i2t = _relevant_counts(n_relevant_i2t, n_pos_i2t, "image")
@@ -237,6 +244,8 @@ def relevance_ranking(scores: ArrayLike | ScoreSource, i2t_positives, t2i_positi
         pos_sorted = _sorted_padded(block[torch.as_tensor(local, device=dev),
                                           torch.as_tensor(rows_pos.indices, device=dev)], rows_pos.indptr)
         pos = torch.as_tensor(rows_pos.toarray(), device=dev)
+        if skip is not None:
+            pos = pos | torch.as_tensor(skip[start:stop].toarray(), device=dev)
         n_pos = torch.as_tensor(n_pos_i2t[start:stop], device=dev)
         n_rel = torch.as_tensor(n_rel_i2t[start:stop], device=dev)
         l_i2t = min(int(n_rel.max()) if len(n_rel) else 0, n_cap)
@@ -246,6 +255,8 @@ def relevance_ranking(scores: ArrayLike | ScoreSource, i2t_positives, t2i_positi
         # caption queries: merge this block's best negatives into the running top L
         if l_t2i > 0:
             mask = torch.as_tensor(t2i_pos_by_image[start:stop].toarray(), device=dev)
+            if skip is not None:
+                mask = mask | torch.as_tensor(skip[start:stop].toarray(), device=dev)
             cand = torch.where(mask, ninf, block).topk(min(l_t2i, stop - start), dim=0).values.T
             running = cand if running is None else torch.cat([running, cand.to(running.dtype)], 1)
             if running.shape[1] > l_t2i:
@@ -295,14 +306,15 @@ def captions_by_image(caption_to_image: np.ndarray, n_images: int) -> np.ndarray
 
 
 def twin_accuracy(scores: ArrayLike | ScoreSource, caption_to_image: np.ndarray, twins: np.ndarray,
-                  relevance=None, *, tie_policy: str = "pessimistic") -> dict[str, float | None]:
+                  relevance=None, *, tie_policy: str = "pessimistic", undetermined=None) -> dict[str, float | None]:
     """Accuracy (percent) at telling hard-negative twin images apart; see docs/evaluation.md.
 
     For a twin pair seen from image a against its twin b, D(a|b) are a's own captions that are not
     relevant to b. twin_acc_t2i pools every caption c in D(a|b) over both orientations of every pair
     and counts S[a, c] > S[b, c]. twin_acc_i2t averages, over orientations with both sets
     non-empty, the fraction of (c, c') in D(a|b) x D(b|a) with S[a, c] > S[a, c']. Under the
-    optimistic policy the comparisons are >=. None where no trial exists.
+    optimistic policy the comparisons are >=. None where no trial exists. With `undetermined`
+    (captions x images), a caption undetermined of the other twin is not in D either.
     """
     source = as_score_source(scores)
     pessimistic = is_pessimistic(tie_policy)
@@ -312,6 +324,7 @@ def twin_accuracy(scores: ArrayLike | ScoreSource, caption_to_image: np.ndarray,
     if len(twins) == 0:
         return {"twin_acc_t2i": None, "twin_acc_i2t": None}
     rel = None if relevance is None else _as_bool_csr(relevance, (n_cap, n_img), "the relevance matrix")
+    und = None if undetermined is None else _as_bool_csr(undetermined, (n_cap, n_img), "the undetermined pairs")
     table = captions_by_image(c2i, n_img)
     a = np.concatenate([twins[:, 0], twins[:, 1]])
     b = np.concatenate([twins[:, 1], twins[:, 0]])
@@ -325,6 +338,8 @@ def twin_accuracy(scores: ArrayLike | ScoreSource, caption_to_image: np.ndarray,
             relevant = c2i[safe] == rows
         else:
             relevant = np.asarray(rel[safe.ravel(), rows.ravel()]).reshape(caps.shape).astype(bool)
+        if und is not None:
+            relevant |= np.asarray(und[safe.ravel(), rows.ravel()]).reshape(caps.shape).astype(bool)
         return real & ~relevant
 
     own, other = table[a], table[b]
@@ -350,6 +365,88 @@ def twin_accuracy(scores: ArrayLike | ScoreSource, caption_to_image: np.ndarray,
     has = trials > 0
     i2t = 100.0 * float((wins[has] / trials[has]).mean()) if bool(has.any()) else None
     return {"twin_acc_t2i": t2i, "twin_acc_i2t": i2t}
+
+
+def ranks_without(scores: ArrayLike | ScoreSource, caption_to_image: np.ndarray, exclude, *,
+                  tie_policy: str = "pessimistic", chunk_rows: int | None = None) -> Ranks:
+    """`ground_truth_ranks` with some (caption, image) pairs taken out of both galleries.
+
+    exclude: captions x images (sparse bool). An excluded caption no longer counts among the items
+    ahead of an image's best own caption, an excluded image no longer among those ahead of a
+    caption's own image. A caption's own image is never excluded.
+    """
+    source = as_score_source(scores)
+    n_img, n_cap = source.shape
+    c2i = check_caption_to_image(caption_to_image, n_img, n_cap)
+    ranks = ground_truth_ranks(source, c2i, tie_policy=tie_policy, chunk_rows=chunk_rows)
+    ex = _as_bool_csr(exclude, (n_cap, n_img), "the excluded pairs").tocoo()
+    keep = ex.col != c2i[ex.row]
+    caps, imgs = ex.row[keep].astype(np.int64), ex.col[keep].astype(np.int64)
+    if len(caps) == 0:
+        return ranks
+    ahead = torch.ge if is_pessimistic(tie_policy) else torch.gt
+    own = source.pairs(c2i, np.arange(n_cap)).double()
+    best = torch.full((n_img,), float("-inf"), dtype=torch.float64, device=own.device)
+    best = best.scatter_reduce(0, torch.as_tensor(c2i, device=own.device), own, reduce="amax")
+    value = source.pairs(imgs, caps).double()
+    # an image query loses the excluded captions that were ahead of its best own caption
+    i2t = ahead(value, best[torch.as_tensor(imgs, device=own.device)]).cpu().numpy()
+    # a caption query loses the excluded images that were ahead of its own image
+    t2i = ahead(value, own[torch.as_tensor(caps, device=own.device)]).cpu().numpy()
+    return Ranks(i2t=ranks.i2t - np.bincount(imgs[i2t], minlength=n_img),
+                 t2i=ranks.t2i - np.bincount(caps[t2i], minlength=n_cap))
+
+
+def pair_accuracy(scores: ArrayLike | ScoreSource, images: np.ndarray, true_cols: np.ndarray,
+                  foil_cols: np.ndarray, *, tie_policy: str = "pessimistic") -> np.ndarray:
+    """Per minimal pair k: 1.0 where image images[k] scores true_cols[k] above foil_cols[k], else 0.0.
+
+    Pessimistic: strictly above (a tie is a loss); optimistic: at least as high.
+    """
+    source = as_score_source(scores)
+    beats = torch.gt if is_pessimistic(tie_policy) else torch.ge
+    images = np.asarray(images, dtype=np.int64)
+    if len(images) == 0:
+        return np.zeros(0)
+    s_true = source.pairs(images, np.asarray(true_cols, dtype=np.int64))
+    s_foil = source.pairs(images, np.asarray(foil_cols, dtype=np.int64))
+    return beats(s_true, s_foil).double().cpu().numpy()
+
+
+def set_coverage(scores: ArrayLike | ScoreSource, caption_to_image: np.ndarray, targets: np.ndarray,
+                 relevance, undetermined=None, *, tie_policy: str = "pessimistic",
+                 chunk_rows: int | None = None) -> float | None:
+    """Mean over images of the share of their own target captions ranked above every irrelevant caption.
+
+    targets: boolean per caption column (e.g. the single-object captions of the set track). A
+    caption is irrelevant to an image where `relevance` (captions x images) is False and, given
+    `undetermined`, the pair is not undetermined. Pessimistic: strictly above the best irrelevant
+    caption; optimistic: at least as high. Images without a target caption are skipped; an image
+    with no irrelevant caption covers all of its targets. None when no image has a target.
+    """
+    source = as_score_source(scores)
+    n_img, n_cap = source.shape
+    c2i = check_caption_to_image(caption_to_image, n_img, n_cap)
+    targets = np.asarray(targets, dtype=bool)
+    if targets.shape != (n_cap,):
+        raise ItmatchError(f"targets must have one flag per caption column ({n_cap}), got shape {targets.shape}")
+    if not targets.any():
+        return None
+    rel = _as_bool_csr(relevance, (n_cap, n_img), "the relevance matrix")
+    if undetermined is not None:
+        rel = rel.maximum(_as_bool_csr(undetermined, (n_cap, n_img), "the undetermined pairs"))
+    not_irrelevant = rel.T.tocsr()  # images x captions
+    beats = torch.gt if is_pessimistic(tie_policy) else torch.ge
+    worst = np.empty(n_img)  # best score among each image's irrelevant captions
+    for start, stop in _row_blocks(n_img, chunk_rows or source.chunk_rows, "coverage"):
+        block = source.rows(start, stop)
+        mask = torch.as_tensor(not_irrelevant[start:stop].toarray(), device=block.device)
+        worst[start:stop] = torch.where(mask, float("-inf"), block.double()).max(1).values.cpu().numpy()
+    cols = np.flatnonzero(targets)
+    imgs = c2i[cols]
+    won = beats(source.pairs(imgs, cols).double().cpu(), torch.as_tensor(worst[imgs])).double().numpy()
+    per_image = np.bincount(imgs, weights=won, minlength=n_img) / np.maximum(np.bincount(imgs, minlength=n_img), 1)
+    return 100.0 * float(per_image[np.unique(imgs)].mean())
 
 
 def check_twins(twins: np.ndarray, n_images: int) -> np.ndarray:

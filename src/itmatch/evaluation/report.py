@@ -76,9 +76,11 @@ def format_report(report: dict) -> str:
         lines += ["", " " * (width + 2) + "    i2t    t2i"]
         for name in extras:
             lines.append(f"  {name:<{width}}" + _fmt(m.get(f"{name}_i2t")) + _fmt(m.get(f"{name}_t2i")))
-    others = [k for k in m if k not in METRIC_KEYS and not k.endswith(("_i2t", "_t2i"))]
+    others = [k for k in m if k not in METRIC_KEYS and not k.endswith(("_i2t", "_t2i"))
+              and not isinstance(m[k], dict)]
     for k in others:
-        lines.append(f"  {k}: {m[k]}")
+        lines.append(f"  {k}: {_fmt(m[k], 0) if isinstance(m[k], float) else m[k]}")
+    lines += _scenes_tables(m)
 
     folds = report.get("folds")
     if folds:
@@ -89,6 +91,28 @@ def format_report(report: dict) -> str:
                          + " |" + _fmt(fm.get("rsum"), 7))
         lines.append(f"  (metrics above are the means over the {len(folds)} folds)")
     return "\n".join(lines)
+
+
+def _scenes_tables(m: dict) -> list[str]:
+    """The scenes protocol's per-kind and per-change results, when the report has them."""
+    lines = []
+    by_kind = m.get("by_kind") or {}
+    if by_kind:
+        lines += ["", "  per caption kind    captions  mAP@R i2t  t2i   R-Prec i2t  t2i"]
+        for kind, km in by_kind.items():
+            lines.append(f"  {kind:<18} {km.get('captions', 0):>8}  " + _fmt(km.get("map_at_r_i2t"), 9)
+                         + _fmt(km.get("map_at_r_t2i")) + _fmt(km.get("rprecision_i2t"), 12)
+                         + _fmt(km.get("rprecision_t2i")))
+    by_change = m.get("by_change") or {}
+    if by_change:
+        lines += ["", "  per change          twin pairs  cap->img  img->cap | minimal pairs  true>foil"]
+        for change, cm in by_change.items():
+            twins = cm.get("twin_pairs")
+            pairs = cm.get("minimal_pairs")
+            lines.append(f"  {change:<18} {'' if twins is None else twins:>11} " + _fmt(cm.get("twin_acc_t2i"), 9)
+                         + _fmt(cm.get("twin_acc_i2t"), 9) + f" | {'' if pairs is None else pairs:>13} "
+                         + _fmt(cm.get("pair_acc"), 10))
+    return lines
 
 
 def write_report(report: dict, path: str | os.PathLike) -> None:

