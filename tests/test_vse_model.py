@@ -47,9 +47,8 @@ def vocab():
 
 def test_vse_is_registered_and_unknown_methods_are_clear_errors():
     assert "vse" in available_methods()
-    cfg = tiny_cfg(method="nonesuch")
     with pytest.raises(ItmatchError, match="model.method.*nonesuch"):
-        build_model(cfg, None)
+        tiny_cfg(method="nonesuch")  # refused when the config is read
     with pytest.raises(TypeError):
         register_method("broken")(object())
 

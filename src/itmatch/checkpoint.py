@@ -58,7 +58,7 @@ def read_checkpoint_config(folder: str | Path) -> Config:
         raise ItmatchError(f"not a checkpoint: {folder} has no {CONFIG}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        return config_from_dict(meta["config"])
+        return config_from_dict(meta["config"], saved=True)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise ItmatchError(f"corrupt checkpoint config {path}: {exc}") from None
 

@@ -1,4 +1,6 @@
-"""Extra loss terms any method's objective can carry: `loss.regularizers: [dias]`."""
+"""Extra loss terms any method's objective can carry: `loss.regularizers: [dias]`.
+
+Regularizers are registered by name with `itmatch.methods.registry.register_regularizer`."""
 
 from __future__ import annotations
 
@@ -6,19 +8,6 @@ from torch import nn
 
 from itmatch.config import Config
 from itmatch.data.batch import ImageBatch, TextBatch, positive_mask
-from itmatch.errors import ItmatchError
-
-REGULARIZERS = ("dias",)
-
-
-def build_regularizer(name: str, cfg: Config) -> nn.Module:
-    """A module with `forward(out, positives) -> dict of named terms`, its weighted total under "loss"."""
-    if name == "dias":
-        from itmatch.objectives.dias import DIASRegularizer
-
-        return DIASRegularizer(cfg.dias)
-    raise ItmatchError(f"config key 'loss.regularizers': unknown regularizer {name!r} "
-                       f"(available: {', '.join(REGULARIZERS)})")
 
 
 class RegularizedObjective(nn.Module):
@@ -50,9 +39,9 @@ class RegularizedObjective(nn.Module):
 
 def with_regularizers(objective: nn.Module, cfg: Config) -> nn.Module:
     """Wrap `objective` with the regularizers named in `cfg.loss.regularizers` (in that order)."""
-    names = list(cfg.loss.regularizers)
-    if len(set(names)) != len(names):
-        raise ItmatchError(f"config key 'loss.regularizers': a regularizer is listed twice: {names}")
+    from itmatch.methods.registry import build_regularizer
+
+    names = list(cfg.loss.regularizers)  # known and each once: checked when the config is loaded
     if not names:
         return objective
     return RegularizedObjective(objective, {name: build_regularizer(name, cfg) for name in names})
