@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from itmatch.config import load_config
+from itmatch.config import PACKAGED_CONFIGS, load_config
 from itmatch.data.batch import ImageBatch, TextBatch, positive_mask
 from itmatch.errors import ItmatchError
-from itmatch.objectives.dias import (DIASRegularizer, DiasConfig, SparseSpatialLoss, dimension_alignment_loss,
-                                     dimension_correlation)
-from itmatch.config import PACKAGED_CONFIGS
 from itmatch.objectives.base import TrainProgress
+from itmatch.objectives.dias import (
+    DiasConfig,
+    DIASRegularizer,
+    SparseSpatialLoss,
+    dimension_alignment_loss,
+    dimension_correlation,
+)
 from itmatch.similarity.dense import dot_similarity
 
 D = 6
@@ -351,7 +355,8 @@ def test_method_dias_is_vse_plus_the_regularizer():
     out, _ = make_out(seed=7)
     img_b, txt_b = _batches(out)
     terms = objective.double()(out, img_b, txt_b, TrainProgress())
-    assert {"triplet", "dias", "dias_dim", "dias_inter", "dias_intra", "dias_inter_drop", "dias_intra_kept"} <= set(terms)
+    assert {"triplet", "dias", "dias_dim", "dias_inter", "dias_intra", "dias_inter_drop",
+            "dias_intra_kept"} <= set(terms)
 
 
 # ---- training --------------------------------------------------------------------------------

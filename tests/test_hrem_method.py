@@ -162,8 +162,7 @@ def test_bad_hrem_values_are_one_clear_error(key, value):
 
 
 def test_packaged_hrem_configs_load_with_paper_defaults():
-    from itmatch.config import load_config
-    from itmatch.config import PACKAGED_CONFIGS
+    from itmatch.config import PACKAGED_CONFIGS, load_config
 
     lambdas = {}
     for name in ("f30k_precomp_bigru", "f30k_precomp_bert", "coco_precomp_bigru", "coco_precomp_bert", "scenes",

@@ -13,8 +13,8 @@ from itmatch.data.text import WordVocab
 from itmatch.errors import ItmatchError
 from itmatch.methods.registry import available_methods, build_model, build_objective, register_method
 from itmatch.models.backbone import VSEModel
-from itmatch.objectives.vse import VSEObjective
 from itmatch.objectives.ranking import HingeLoss
+from itmatch.objectives.vse import VSEObjective
 
 CAPTIONS = ["a red circle", "a blue square left of a star", "two stars", "a red star", "one blue circle"]
 

@@ -112,9 +112,8 @@ def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol
 
 
 def cmd_eval(args) -> int:
-    from itmatch.evaluation.report import format_report, write_report
-
     from itmatch.checkpoint import resolve_checkpoint
+    from itmatch.evaluation.report import format_report, write_report
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     report, sims, _ = evaluate_checkpoint(checkpoint, args.data, args.split, args.protocol,

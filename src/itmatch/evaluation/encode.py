@@ -31,7 +31,8 @@ def encode_images(model, split: RetrievalSplit, model_cfg, batch_size: int = 256
 
 
 @torch.inference_mode()
-def encode_captions(model, split: RetrievalSplit, tokenizer, model_cfg, batch_size: int = 256, device="cpu") -> torch.Tensor:
+def encode_captions(model, split: RetrievalSplit, tokenizer, model_cfg, batch_size: int = 256,
+                    device="cpu") -> torch.Tensor:
     from itmatch.data.datasets import CaptionDataset, make_loader
 
     ds = CaptionDataset(split, tokenizer, max_length=model_cfg.text.max_length)
@@ -44,7 +45,8 @@ def similarity_matrix(model, img: torch.Tensor, txt: torch.Tensor, block: int = 
     sims = np.empty((img.shape[0], txt.shape[0]), dtype=np.float32)
     txt_d = txt.to(device)
     for start in range(0, img.shape[0], block):
-        sims[start : start + block] = model.similarity(img[start : start + block].to(device), txt_d).float().cpu().numpy()
+        sims[start : start + block] = (model.similarity(img[start : start + block].to(device), txt_d)
+                                       .float().cpu().numpy())
     return sims
 
 
