@@ -20,13 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import make_stepper, training_batches  # noqa: E402
-
-from itmatch.config import DiasConfig, load_config  # noqa: E402
+from itmatch.config import PACKAGED_CONFIGS, load_config  # noqa: E402
 from itmatch.data.batch import positive_mask  # noqa: E402
-from itmatch.data.text import build_tokenizer  # noqa: E402
-from itmatch.objectives.dias import DIASRegularizer  # noqa: E402
-from itmatch.config import PACKAGED_CONFIGS  # noqa: E402
 from itmatch.data.setup import load_configured_split, resolve_data_root  # noqa: E402
+from itmatch.data.text import build_tokenizer  # noqa: E402
+from itmatch.objectives.dias import DiasConfig, DIASRegularizer  # noqa: E402
 
 
 def timed(step, batches) -> float:

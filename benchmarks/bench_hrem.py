@@ -22,13 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import encode_rates, train_rate, training_batches  # noqa: E402
-
-from itmatch.config import load_config  # noqa: E402
+from itmatch.config import PACKAGED_CONFIGS, load_config  # noqa: E402
 from itmatch.data.batch import ImageBatch, TextBatch  # noqa: E402
+from itmatch.data.setup import load_configured_split, resolve_data_root  # noqa: E402
 from itmatch.data.text import WordVocab, build_tokenizer  # noqa: E402
 from itmatch.methods.registry import build_model, build_objective  # noqa: E402
-from itmatch.config import PACKAGED_CONFIGS  # noqa: E402
-from itmatch.data.setup import load_configured_split, resolve_data_root  # noqa: E402
 from itmatch.objectives.base import TrainProgress  # noqa: E402
 
 INSTANCE_ON = "hrem.instance_warmup_steps=0"
@@ -58,7 +56,7 @@ def objective_ms(cfg, batches, repeats: int) -> float:
     out = {k: (v.detach().requires_grad_(v.is_floating_point()) if torch.is_tensor(v) else v) for k, v in out.items()}
     progress = TrainProgress(epoch=1, step=10**6)
     times = []
-    for r in range(repeats + 1):
+    for _ in range(repeats + 1):
         t0 = time.perf_counter()
         objective(out, *batches[0], progress)["loss"].backward()
         times.append(time.perf_counter() - t0)

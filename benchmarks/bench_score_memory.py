@@ -63,8 +63,8 @@ def run_arm(arm: str, n_img: int, per_image: int, threads: int) -> dict:
     if arm == "dense":
         source = DenseScores(source.dense())
     metrics = evaluate_sims(source, "plain", caption_to_image=c2i)["metrics"]
-    return {"arm": arm, "seconds": round(time.perf_counter() - t0, 2), "peak_extra_mib": round(rss_mib("VmHWM") - before, 1),
-            "rsum": round(metrics["rsum"], 4)}
+    return {"arm": arm, "seconds": round(time.perf_counter() - t0, 2),
+            "peak_extra_mib": round(rss_mib("VmHWM") - before, 1), "rsum": round(metrics["rsum"], 4)}
 
 
 def main() -> None:
@@ -92,7 +92,8 @@ def main() -> None:
     assert results["blocks"]["rsum"] == results["dense"]["rsum"], "the two arms disagree on the metrics"
     print(f"{args.images} x {args.images * args.captions_per_image} score model, {args.threads} threads, "
           f"load {load_before} -> {load_after}")
-    print(f"dense matrix: {dense_mib:.0f} MiB | peak extra memory: blocks {results['blocks']['peak_extra_mib']:.0f} MiB, "
+    print(f"dense matrix: {dense_mib:.0f} MiB | peak extra memory: "
+          f"blocks {results['blocks']['peak_extra_mib']:.0f} MiB, "
           f"dense {results['dense']['peak_extra_mib']:.0f} MiB | ratio blocks/dense "
           f"{results['blocks']['peak_extra_mib'] / results['dense']['peak_extra_mib']:.2f} | time blocks "
           f"{results['blocks']['seconds']:.1f} s, dense {results['dense']['seconds']:.1f} s")

@@ -19,12 +19,11 @@ import time
 
 import torch
 
-from itmatch.config import load_config
+from itmatch.config import PACKAGED_CONFIGS, load_config
 from itmatch.data.datasets import CaptionDataset, EpochSampler, ImageDataset, PairDataset, make_loader
+from itmatch.data.setup import load_configured_split, resolve_data_root
 from itmatch.data.text import build_tokenizer
 from itmatch.methods.registry import build_model, build_objective
-from itmatch.config import PACKAGED_CONFIGS
-from itmatch.data.setup import load_configured_split, resolve_data_root
 from itmatch.objectives.base import TrainProgress
 from itmatch.training.optim import build_optimizer
 

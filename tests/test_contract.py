@@ -30,15 +30,12 @@ METHOD_OVERRIDES = {
     # fragment and instance-level attention widths that divide the tiny embedding; instance level on
     "hrem": {"hrem": {"fragment_heads": 4, "heads": 4, "fragment_ff": 32, "topk": 3, "instance_warmup_steps": 0}},
 }
-BUILTIN = available_methods()
-for _name, _builder in TOY_METHODS.items():
-    register_method(_name)(_builder)
-METHODS = sorted(set(BUILTIN) | set(TOY_METHODS))
+METHODS = sorted(set(available_methods()) | set(TOY_METHODS))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _toys_registered():
-    for name, builder in TOY_METHODS.items():  # again, in case another module removed them
+    for name, builder in TOY_METHODS.items():
         register_method(name)(builder)
     yield
     for name in TOY_METHODS:

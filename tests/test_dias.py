@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from itmatch.config import DiasConfig, load_config
+from itmatch.config import PACKAGED_CONFIGS, load_config
 from itmatch.data.batch import ImageBatch, TextBatch, positive_mask
 from itmatch.errors import ItmatchError
-from itmatch.objectives.dias import (DIASRegularizer, SparseSpatialLoss, dimension_alignment_loss,
-                                     dimension_correlation)
-from itmatch.config import PACKAGED_CONFIGS
 from itmatch.objectives.base import TrainProgress
+from itmatch.objectives.dias import (
+    DiasConfig,
+    DIASRegularizer,
+    SparseSpatialLoss,
+    dimension_alignment_loss,
+    dimension_correlation,
+)
 from itmatch.similarity.dense import dot_similarity
 
 D = 6
@@ -281,17 +285,14 @@ def test_larger_beta_keeps_fewer_relations(sparsity):
         assert kept[0] > kept[-1] + 0.3, (key, kept)
 
 
-def test_bad_options_are_one_clear_error():
-    with pytest.raises(ItmatchError, match="dias.sparsity"):
-        DIASRegularizer(DiasConfig(sparsity="dense"))
-    with pytest.raises(ItmatchError, match="dias.distance"):
-        DIASRegularizer(DiasConfig(distance="manhattan"))
-    with pytest.raises(ItmatchError, match="dias.w_inter"):
-        DIASRegularizer(DiasConfig(w_inter=-1.0))
-    with pytest.raises(ItmatchError, match="dias.mask_temperature"):
-        DIASRegularizer(DiasConfig(mask_temperature=0.0))
-    with pytest.raises(ItmatchError, match="dias.dim_samples"):
-        DIASRegularizer(DiasConfig(dim_samples="words"))
+@pytest.mark.parametrize("key, value", [("sparsity", "dense"), ("distance", "manhattan"), ("w_inter", -1.0),
+                                        ("mask_temperature", 0.0), ("dim_samples", "words"), ("topk", 0)])
+def test_bad_options_are_one_clear_error_when_the_config_loads(key, value):
+    with pytest.raises(ItmatchError, match=f"dias.{key}"):
+        load_config(None, ["loss.regularizers=[dias]", f"dias.{key}={value}"])
+
+
+def test_a_regularizer_without_fragments_is_a_clear_error():
     out, positives = make_out()
     with pytest.raises(ItmatchError, match="loss.regularizers"):
         DIASRegularizer(DiasConfig())({"img": out["img"], "txt": out["txt"]}, positives)
@@ -334,12 +335,11 @@ def test_with_regularizers_adds_terms_to_the_base_loss():
 
 
 def test_unknown_regularizer_names_the_config_key():
-    from itmatch.methods.registry import build_objective
-
+    # both are refused when the config is loaded, before any model or objective is built
     with pytest.raises(ItmatchError, match="loss.regularizers.*'dais'"):
-        build_objective(load_config(None, ["loss.regularizers=[dais]"]), DOT_MODEL)
+        load_config(None, ["loss.regularizers=[dais]"])
     with pytest.raises(ItmatchError, match="loss.regularizers"):
-        build_objective(load_config(None, ["model.method=dias", "loss.regularizers=[dias]"]), DOT_MODEL)
+        load_config(None, ["model.method=dias", "loss.regularizers=[dias]"])
 
 
 def test_method_dias_is_vse_plus_the_regularizer():
@@ -355,7 +355,8 @@ def test_method_dias_is_vse_plus_the_regularizer():
     out, _ = make_out(seed=7)
     img_b, txt_b = _batches(out)
     terms = objective.double()(out, img_b, txt_b, TrainProgress())
-    assert {"triplet", "dias", "dias_dim", "dias_inter", "dias_intra", "dias_inter_drop", "dias_intra_kept"} <= set(terms)
+    assert {"triplet", "dias", "dias_dim", "dias_inter", "dias_intra", "dias_inter_drop",
+            "dias_intra_kept"} <= set(terms)
 
 
 # ---- training --------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from itmatch.data.split import RetrievalSplit
 from itmatch.errors import ItmatchError
 from itmatch.evaluation.protocols import evaluate_sims
 from itmatch.evaluation.ranking import relevance_ranking, retrieval_metrics, twin_accuracy
-from itmatch.evaluation.scores import embedding_scores
 from itmatch.evaluation.report import METRIC_KEYS, format_report, write_report
+from itmatch.evaluation.scores import embedding_scores
 
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 

@@ -52,13 +52,14 @@ CAPTIONS = ["a red circle", "a blue square left of a star", "two stars", "a gree
             "a star", "a blue circle right of a red square"]
 
 
-def hrem_cfg(**hrem):
+def hrem_cfg(regularizers=(), extra=None, **hrem):
     base = {"heads": 2, "fragment_heads": 2, "fragment_ff": 16, "topk": 3, "instance_warmup_steps": 5,
             "dropout": 0.0}
     return config_from_dict({
         "model": {"method": "hrem", "embed_dim": 16, "image": {"feature_dim": 10}, "text": {"word_dim": 8}},
-        "loss": {"name": "triplet"},
+        "loss": {"name": "triplet", "regularizers": list(regularizers)},
         "hrem": {**base, **hrem},
+        **(extra or {}),
     })
 
 
@@ -156,13 +157,12 @@ def test_trained_model_carries_no_relation_module():
 def test_bad_hrem_values_are_one_clear_error(key, value):
     from itmatch.methods.registry import build_objective
 
-    with pytest.raises(ItmatchError, match=f"hrem.{key}"):
+    with pytest.raises(ItmatchError, match=f"hrem.{key}"):  # refused when the config is read
         build_objective(hrem_cfg(**{key: value}), types.SimpleNamespace(similarity=None))
 
 
 def test_packaged_hrem_configs_load_with_paper_defaults():
-    from itmatch.config import load_config
-    from itmatch.config import PACKAGED_CONFIGS
+    from itmatch.config import PACKAGED_CONFIGS, load_config
 
     lambdas = {}
     for name in ("f30k_precomp_bigru", "f30k_precomp_bert", "coco_precomp_bigru", "coco_precomp_bert", "scenes",
@@ -183,9 +183,7 @@ def test_dias_regularizer_composes_with_hrem():
     """`loss.regularizers: [dias]` on hrem: HREM's terms and DIAS's add up, and DIAS reaches HREM's fragments."""
     from itmatch.objectives.dias import DIASRegularizer
 
-    cfg = hrem_cfg()
-    cfg.loss.regularizers = ["dias"]
-    cfg.dias.sparsity = "hard"  # deterministic terms for the sum below
+    cfg = hrem_cfg(regularizers=["dias"], extra={"dias": {"sparsity": "hard"}})  # hard: deterministic terms
     model, objective, img_b, txt_b = hrem_setup(cfg)
     idx = img_b.image_index
     out = model(img_b, txt_b)

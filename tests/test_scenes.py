@@ -335,7 +335,8 @@ def test_complete_folder_is_a_cache_hit_and_other_parameters_are_refused(tiny_sc
 
     out = tmp_path / "small"
     assert scenes_cli(out) == 0 and "wrote" in capsys.readouterr().out
-    assert json.loads((out / "scenes.json").read_text())["sizes"] == {"train": 6, "dev": 4, "test": 4, "test_comp": 2, "test_set": 2}
+    sizes = json.loads((out / "scenes.json").read_text())["sizes"]
+    assert sizes == {"train": 6, "dev": 4, "test": 4, "test_comp": 2, "test_set": 2}
     # a data set without features cannot serve a request with them
     assert main(["data", "scenes", "--out", str(out), "--train", "6", "--dev", "4", "--test", "4"]) == 2
 

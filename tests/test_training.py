@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from itmatch.cli import main
-from itmatch.config import load_config
 from itmatch.checkpoint import from_pretrained
-from itmatch.config import PACKAGED_CONFIGS
+from itmatch.cli import main
+from itmatch.config import PACKAGED_CONFIGS, load_config
 from itmatch.training.loop import Trainer
 from itmatch.training.run_log import read_metrics
 
@@ -56,8 +55,8 @@ def test_training_learns_far_above_chance(tiny_scenes, tmp_path):
 
 
 def test_checkpoint_round_trip_gives_identical_similarities(tiny_scenes, tmp_path):
-    from itmatch.evaluation.encode import split_scores
     from itmatch.data.setup import load_configured_split
+    from itmatch.evaluation.encode import split_scores
 
     cfg = small_config(tiny_scenes, "train.max_steps=4")
     trainer = Trainer(cfg, tmp_path / "run", echo=False)

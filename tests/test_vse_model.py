@@ -13,8 +13,8 @@ from itmatch.data.text import WordVocab
 from itmatch.errors import ItmatchError
 from itmatch.methods.registry import available_methods, build_model, build_objective, register_method
 from itmatch.models.backbone import VSEModel
-from itmatch.objectives.vse import VSEObjective
 from itmatch.objectives.ranking import HingeLoss
+from itmatch.objectives.vse import VSEObjective
 
 CAPTIONS = ["a red circle", "a blue square left of a star", "two stars", "a red star", "one blue circle"]
 
@@ -47,9 +47,8 @@ def vocab():
 
 def test_vse_is_registered_and_unknown_methods_are_clear_errors():
     assert "vse" in available_methods()
-    cfg = tiny_cfg(method="nonesuch")
     with pytest.raises(ItmatchError, match="model.method.*nonesuch"):
-        build_model(cfg, None)
+        tiny_cfg(method="nonesuch")  # refused when the config is read
     with pytest.raises(TypeError):
         register_method("broken")(object())
 

@@ -21,10 +21,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from itmatch.version import __version__
 from itmatch.config import Config, config_from_dict
 from itmatch.errors import ItmatchError
 from itmatch.files import replace_dir
+from itmatch.version import __version__
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -58,7 +58,7 @@ def read_checkpoint_config(folder: str | Path) -> Config:
         raise ItmatchError(f"not a checkpoint: {folder} has no {CONFIG}")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-        return config_from_dict(meta["config"])
+        return config_from_dict(meta["config"], saved=True)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise ItmatchError(f"corrupt checkpoint config {path}: {exc}") from None
 

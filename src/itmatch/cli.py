@@ -12,8 +12,8 @@ import importlib
 import os
 import sys
 
-from itmatch.version import __version__
 from itmatch.errors import ItmatchError
+from itmatch.version import __version__
 
 
 def _handler(target: str):
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("configs", nargs="*", metavar="CONFIG", help="configs to compare (labelled by file name)")
     cp.add_argument("--label", dest="labels", action="append", default=[], metavar="NAME=CONFIG",
                     help="add an arm NAME that trains CONFIG (repeatable; the same config may appear twice)")
-    cp.add_argument("--baseline", default=None, metavar="NAME", help="arm the others are compared to (default: the first)")
+    cp.add_argument("--baseline", default=None, metavar="NAME",
+                    help="arm the others are compared to (default: the first)")
     cp.add_argument("--out", required=True, help="comparison folder (runs/, compare.md, compare.json, compare.png)")
     seeds = cp.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 (default 3)")

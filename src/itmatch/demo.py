@@ -31,10 +31,10 @@ def _claim_run_dir(out: Path) -> None:
 
 def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: int | None = None) -> dict:
     from itmatch.data.scenes import generate_scenes, preset_sizes
-    from itmatch.evaluation.html_report import write_html_report
-    from itmatch.evaluation.report import format_report, write_report
     from itmatch.data.setup import scenes_cache_dir
     from itmatch.evaluation.commands import evaluate_checkpoint
+    from itmatch.evaluation.html_report import write_html_report
+    from itmatch.evaluation.report import format_report, write_report
     from itmatch.training.loop import Trainer
 
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ class ImageBatch:
     region_mask: torch.Tensor | None = None  # (B, R) bool: True where a region is real
     pixels: torch.Tensor | None = None  # (B, 3, H, W) float: normalised image tensor
 
-    def to(self, device) -> "ImageBatch":
+    def to(self, device) -> ImageBatch:
         return _to(self, device)
 
     def __len__(self) -> int:
@@ -33,7 +33,7 @@ class TextBatch:
     caption_index: torch.Tensor  # (B,) long: caption row in its split
     image_index: torch.Tensor  # (B,) long: row of the caption's image
 
-    def to(self, device) -> "TextBatch":
+    def to(self, device) -> TextBatch:
         return _to(self, device)
 
     def __len__(self) -> int:

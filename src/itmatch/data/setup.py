@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from itmatch.config import DataConfig
+from itmatch.config import SCENES_SIZES, DataConfig
 from itmatch.data.split import RetrievalSplit
 from itmatch.errors import ItmatchError
-
-SCENES_SIZES = ("tiny", "small", "default")
 
 
 def scenes_cache_dir(size: str = "default", seed: int = 0) -> Path:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -79,7 +80,7 @@ class WordVocab:
         self.special_ids = list(range(len(SPECIAL_WORDS)))
 
     @classmethod
-    def build(cls, captions: Sequence[str], min_count: int = 1) -> "WordVocab":
+    def build(cls, captions: Sequence[str], min_count: int = 1) -> WordVocab:
         """Words occurring at least `min_count` times, most frequent first (ties alphabetical)."""
         counts = Counter(w for c in captions for w in tokenize_words(c))
         kept = sorted((w for w, n in counts.items() if n >= min_count and w not in SPECIAL_WORDS),

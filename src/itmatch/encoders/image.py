@@ -124,7 +124,7 @@ class GridEncoder(nn.Module):
         self.proj = (RegionEncoder(self.feature_dim, embed_dim, mlp=True) if mlp
                      else nn.Linear(self.feature_dim, embed_dim))
 
-    def train(self, mode: bool = True) -> "GridEncoder":
+    def train(self, mode: bool = True) -> GridEncoder:
         super().train(mode)
         if self.freeze:
             self.backbone.eval()

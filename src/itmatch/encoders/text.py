@@ -157,7 +157,7 @@ class BertTextEncoder(nn.Module):
         if freeze:
             self.bert.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "BertTextEncoder":
+    def train(self, mode: bool = True) -> BertTextEncoder:
         super().train(mode)
         if self.freeze:
             self.bert.eval()

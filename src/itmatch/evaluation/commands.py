@@ -90,12 +90,12 @@ def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol
     block by block and the metrics read it back memory-mapped, so no pair is scored twice."""
     import time
 
-    from itmatch.version import __version__
     from itmatch.checkpoint import from_pretrained
     from itmatch.data.setup import load_configured_split, resolve_data_root
     from itmatch.device import resolve_device
     from itmatch.evaluation.encode import split_scores
     from itmatch.evaluation.protocols import evaluate_sims
+    from itmatch.version import __version__
 
     dev = resolve_device(device)
     model, tokenizer, cfg = from_pretrained(checkpoint, dev)

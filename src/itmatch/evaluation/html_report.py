@@ -73,7 +73,8 @@ def render_report(report: dict, sims: np.ndarray, split: RetrievalSplit, curves_
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>",
         "body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1100px}",
-        "table.m{border-collapse:collapse}table.m td,table.m th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
+        "table.m{border-collapse:collapse}",
+        "table.m td,table.m th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
         ".q{margin:14px 0;padding:10px;border:1px solid #e4e4e4;border-radius:6px}",
         ".hit{outline:4px solid #2a9d3a}.miss{outline:4px solid #d0d0d0}.thumb{width:96px;height:96px;margin:6px}",
         ".noimg{display:inline-block;background:#eee;font-size:11px}li.ok::marker{content:'\\2714  ';color:#2a9d3a}",
@@ -99,7 +100,8 @@ def render_report(report: dict, sims: np.ndarray, split: RetrievalSplit, curves_
         top = np.argsort(-sims[i], kind="stable")[:k]
         items = "".join(f"<li class='{'ok' if _is_relevant(split, int(c), int(i)) else 'no'}'>"
                         f"{html.escape(split.captions[int(c)])}</li>" for c in top)
-        parts.append(f"<div class='q' style='display:flex;gap:16px'>{_img_tag(split, int(i), 'thumb')}<ol>{items}</ol></div>")
+        thumb = _img_tag(split, int(i), "thumb")
+        parts.append(f"<div class='q' style='display:flex;gap:16px'>{thumb}<ol>{items}</ol></div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from itmatch.version import __version__
 from itmatch.errors import ItmatchError
+from itmatch.version import __version__
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
                "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")

@@ -318,8 +318,9 @@ def model_scores(similarity: Callable[[Encoding, Encoding], torch.Tensor], image
                 if not in_chunk.any():
                     continue
                 sub = score_tile(img, torch.as_tensor(ucols[c0:c0 + cols_per_tile]))
-                out[torch.as_tensor(sel[in_chunk], device=device)] = sub[
-                    torch.as_tensor(r_inv[in_chunk], device=device), torch.as_tensor(c_inv[in_chunk] - c0, device=device)]
+                local_rows = torch.as_tensor(r_inv[in_chunk], device=device)
+                local_cols = torch.as_tensor(c_inv[in_chunk] - c0, device=device)
+                out[torch.as_tensor(sel[in_chunk], device=device)] = sub[local_rows, local_cols]
         return out
 
     return BlockScores(row_fn, (n_img, n_cap), pair_fn, name=name, device=device)

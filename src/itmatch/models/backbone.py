@@ -13,32 +13,10 @@ from torch import nn
 from itmatch.config import ModelConfig, OptimConfig
 from itmatch.data.batch import ImageBatch, TextBatch
 from itmatch.encoders.image import GridEncoder, RegionEncoder
-from itmatch.encoders.pooling import POOLINGS, build_pooling
+from itmatch.encoders.pooling import build_pooling
 from itmatch.encoders.text import BertTextEncoder, GRUTextEncoder, load_glove_embeddings
 from itmatch.errors import ItmatchError
 from itmatch.similarity.dense import dot_similarity, l2_normalize, pair_dot
-
-
-def check_model_config(cfg: ModelConfig) -> None:
-    """One clear error for values no encoder can take."""
-    checks = [
-        ("embed_dim", cfg.embed_dim >= 1, ">= 1"),
-        ("pooling", cfg.pooling in POOLINGS, " or ".join(POOLINGS)),
-        ("gpo_pe_dim", cfg.gpo_pe_dim >= 1, ">= 1"),
-        ("gpo_hidden", cfg.gpo_hidden >= 1, ">= 1"),
-        ("image.kind", cfg.image.kind in ("precomp", "grid"), "precomp or grid"),
-        ("image.feature_dim", cfg.image.feature_dim >= 1, ">= 1"),
-        ("image.backbone", cfg.image.backbone == "efficientnet-lite0", "efficientnet-lite0"),
-        ("text.kind", cfg.text.kind in ("gru", "bert"), "gru or bert"),
-        ("text.word_dim", cfg.text.word_dim >= 1, ">= 1"),
-        ("text.num_layers", cfg.text.num_layers >= 1, ">= 1"),
-    ]
-    for key, ok, need in checks:
-        if not ok:
-            value = cfg
-            for part in key.split("."):
-                value = getattr(value, part)
-            raise ItmatchError(f"config key 'model.{key}': {value!r} must be {need}")
 
 
 def build_image_encoder(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
@@ -91,7 +69,6 @@ class VSEModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer, image_pool: nn.Module | None = None,
                  text_pool: nn.Module | None = None, load_pretrained: bool = True):
         super().__init__()
-        check_model_config(cfg)
         self.cfg = cfg
         self.embed_dim = cfg.embed_dim
         self.image_encoder = build_image_encoder(cfg, load_pretrained)

@@ -15,17 +15,53 @@ float32, even under autocast: C and the row statistics are sums over thousands o
 
 from __future__ import annotations
 
+import typing
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itmatch.config import DiasConfig
+from itmatch.config import Config, check_values
 from itmatch.errors import ItmatchError
 
-DISTANCES = ("cosine", "euclidean")
-SPARSITIES = ("soft", "hard", "none", "topk", "l1")
-DIM_SAMPLES = ("pairs", "pooled")
+Distance = Literal["cosine", "euclidean"]
+Sparsity = Literal["soft", "hard", "none", "topk", "l1"]
+DimSamples = Literal["pairs", "pooled"]
+DISTANCES = typing.get_args(Distance)
+SPARSITIES = typing.get_args(Sparsity)
+DIM_SAMPLES = typing.get_args(DimSamples)
 _EPS = 1e-6
+
+
+@dataclass
+class DiasConfig:
+    """The `dias:` config section (registered by `itmatch.methods.dias` for the dias method and the
+    dias regularizer): the weights of Eq. 17 and the readings of the paper this module offers."""
+
+    w_dim: float = 10.0
+    w_inter: float = 0.05
+    w_intra: float = 0.1
+    distance: Distance = "cosine"
+    sparsity: Sparsity = "soft"  # soft (relaxed learnable mask) | hard (binary, Eq. 14) | none | topk | l1
+    beta_init: float = 0.0
+    mask_temperature: float = 0.05  # relaxation temperature of the soft mask
+    topk: int = 10  # sparsity: topk
+    l1_weight: float = 0.01  # sparsity: l1
+    # Eq. 4's dimension vectors: pairs = every (region, word) of each matched pair; pooled = mean fragments
+    dim_samples: DimSamples = "pairs"
+    dim_center: bool = False  # centre the dimension vectors first (Pearson instead of the paper's cosine)
+
+    def check(self, cfg: Config | None = None) -> None:
+        check_values(self, "dias", [
+            ("w_dim", self.w_dim >= 0, ">= 0"),
+            ("w_inter", self.w_inter >= 0, ">= 0"),
+            ("w_intra", self.w_intra >= 0, ">= 0"),
+            ("mask_temperature", self.mask_temperature > 0, "> 0"),
+            ("topk", self.topk >= 1, ">= 1"),
+            ("l1_weight", self.l1_weight >= 0, ">= 0"),
+        ])
 
 
 # --------------------------------------------------------------------- dimension alignment
@@ -253,17 +289,8 @@ class DIASRegularizer(nn.Module):
 
     def __init__(self, cfg: DiasConfig | None = None):
         super().__init__()
-        cfg = cfg or DiasConfig()
+        cfg = cfg or DiasConfig()  # its values are checked when the config is loaded (DiasConfig.check)
         dim_samples, dim_center = cfg.dim_samples, cfg.dim_center
-        if cfg.distance not in DISTANCES:
-            raise ItmatchError(f"config key 'dias.distance': unknown distance {cfg.distance!r} "
-                               f"(use {', '.join(DISTANCES)})")
-        if dim_samples not in DIM_SAMPLES:
-            raise ItmatchError(f"config key 'dias.dim_samples': unknown value {dim_samples!r} "
-                               f"(use {', '.join(DIM_SAMPLES)})")
-        for key in ("w_dim", "w_inter", "w_intra"):
-            if getattr(cfg, key) < 0:
-                raise ItmatchError(f"config key 'dias.{key}' must be >= 0, got {getattr(cfg, key)}")
         self.w_dim, self.w_inter, self.w_intra = float(cfg.w_dim), float(cfg.w_inter), float(cfg.w_intra)
         self.distance, self.dim_samples, self.dim_center = cfg.distance, dim_samples, bool(dim_center)
         args = dict(mode=cfg.sparsity, beta_init=cfg.beta_init, temperature=cfg.mask_temperature, topk=cfg.topk,

@@ -15,8 +15,8 @@ from itmatch.data.batch import positive_mask
 from itmatch.objectives.base import RankingTerm
 from itmatch.objectives.relations.graph import AssociationGraphBuilder, relevance_regularizer
 from itmatch.objectives.relations.interaction import RelationInteraction
-from itmatch.similarity.fragment import fragment_matching
 from itmatch.similarity.dense import l2_normalize
+from itmatch.similarity.fragment import fragment_matching
 
 
 class HREMObjective(nn.Module):

@@ -1,24 +1,12 @@
-"""Extra loss terms any method's objective can carry: `loss.regularizers: [dias]`."""
+"""Extra loss terms any method's objective can carry: `loss.regularizers: [dias]`.
+
+Regularizers are registered by name with `itmatch.methods.registry.register_regularizer`."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from itmatch.config import Config
 from itmatch.data.batch import ImageBatch, TextBatch, positive_mask
-from itmatch.errors import ItmatchError
-
-REGULARIZERS = ("dias",)
-
-
-def build_regularizer(name: str, cfg: Config) -> nn.Module:
-    """A module with `forward(out, positives) -> dict of named terms`, its weighted total under "loss"."""
-    if name == "dias":
-        from itmatch.objectives.dias import DIASRegularizer
-
-        return DIASRegularizer(cfg.dias)
-    raise ItmatchError(f"config key 'loss.regularizers': unknown regularizer {name!r} "
-                       f"(available: {', '.join(REGULARIZERS)})")
 
 
 class RegularizedObjective(nn.Module):
@@ -46,13 +34,3 @@ class RegularizedObjective(nn.Module):
                     terms[f"{name}_{key}"] = value.detach()
         terms["loss"] = loss
         return terms
-
-
-def with_regularizers(objective: nn.Module, cfg: Config) -> nn.Module:
-    """Wrap `objective` with the regularizers named in `cfg.loss.regularizers` (in that order)."""
-    names = list(cfg.loss.regularizers)
-    if len(set(names)) != len(names):
-        raise ItmatchError(f"config key 'loss.regularizers': a regularizer is listed twice: {names}")
-    if not names:
-        return objective
-    return RegularizedObjective(objective, {name: build_regularizer(name, cfg) for name in names})

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from itmatch.config import Config, config_from_dict, find_config, load_config, parse_overrides
 from itmatch.errors import ItmatchError
+
 
 def _resume_config(run_dir: Path, overrides: list[str]) -> Config:
     from itmatch.checkpoint import read_checkpoint_config

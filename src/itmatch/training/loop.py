@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from itmatch.config import Config
-from itmatch.device import resolve_device
-from itmatch.files import atomic_write_text
-from itmatch.errors import ItmatchError
-from itmatch.objectives.base import StepContext, TrainProgress, call_hooks
 from itmatch import checkpoint as ckpt
+from itmatch.config import Config
 from itmatch.data.setup import load_configured_split, resolve_data_root, take_images
-from itmatch.training.optim import build_optimizer, check_schedule, lr_multiplier, set_learning_rates
+from itmatch.device import resolve_device
+from itmatch.errors import ItmatchError
+from itmatch.files import atomic_write_text
+from itmatch.objectives.base import StepContext, TrainProgress, call_hooks
 from itmatch.training.hooks import NeighbourRefresh
+from itmatch.training.optim import build_optimizer, lr_multiplier, set_learning_rates
 from itmatch.training.rng import capture_rng, restore_rng
 from itmatch.training.run_log import RunLog
 
@@ -63,7 +63,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- setup
     def _setup(self):
-        from itmatch.data.datasets import EpochSampler, PairDataset, image_transform
+        from itmatch.data.datasets import PairDataset, image_transform
         from itmatch.data.text import build_tokenizer, load_tokenizer
         from itmatch.methods.registry import build_model, build_objective
 
@@ -95,7 +95,6 @@ class Trainer:
             self.total_steps += len(self.sampler)
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        check_schedule(cfg.optim)
         self.optimizer = build_optimizer(self.model, self.objective, cfg.optim)
 
         self.amp_dtype = None

@@ -56,11 +56,6 @@ def lr_multiplier(step: int, epoch_progress: float, cfg: OptimConfig, total_epoc
     raise ItmatchError(f"config key 'optim.schedule': unknown schedule {cfg.schedule!r} (use {', '.join(SCHEDULES)})")
 
 
-def check_schedule(cfg: OptimConfig) -> None:
-    if cfg.schedule not in SCHEDULES:
-        raise ItmatchError(f"config key 'optim.schedule': unknown schedule {cfg.schedule!r} (use {', '.join(SCHEDULES)})")
-
-
 def set_learning_rates(optimizer, multiplier: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * multiplier

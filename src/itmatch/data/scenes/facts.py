@@ -19,8 +19,17 @@ from itertools import product
 import numpy as np
 import scipy.sparse as sp
 
-from itmatch.data.scenes.scene import (COLOURS, MAX_OBJECTS, RELATIONS, SHAPES, SIZES, SPATIAL, Scene, pair_relations,
-                                       pair_undetermined)
+from itmatch.data.scenes.scene import (
+    COLOURS,
+    MAX_OBJECTS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    SPATIAL,
+    Scene,
+    pair_relations,
+    pair_undetermined,
+)
 
 Desc = tuple  # (shape | None, colour | None, size | None)
 Fact = tuple
@@ -69,7 +78,9 @@ def fact_value(fact: Fact, scene: Scene, tables=None) -> bool | None:
         return any(matches(o, fact[1]) for o in objs)
     if fact[0] == "count":
         return sum(matches(o, fact[1]) for o in objs) == fact[2]
-    sure, unsure = tables if tables is not None else (pair_relations(*scene.geometry), pair_undetermined(*scene.geometry))
+    if tables is None:
+        tables = (pair_relations(*scene.geometry), pair_undetermined(*scene.geometry))
+    sure, unsure = tables
     k = RELATIONS.index(fact[2])
     pairs = [(i, j) for i in range(len(objs)) for j in range(len(objs))
              if matches(objs[i], fact[1]) and matches(objs[j], fact[3])]

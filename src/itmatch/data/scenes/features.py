@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from itmatch.data.scenes.shapes import object_box
 from itmatch.data.scenes.scene import IMAGE_SIZE, MAX_OBJECTS, Scene
+from itmatch.data.scenes.shapes import object_box
 
 REGIONS = 12
 OBJECT_SLOTS = MAX_OBJECTS

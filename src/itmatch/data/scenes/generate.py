@@ -21,8 +21,15 @@ import numpy as np
 import scipy.sparse as sp
 
 from itmatch.data.scenes.facts import ORACLES, caption_value, fact_to_json, relevance_tables
-from itmatch.data.scenes.features import (CROP, FEATURE_DIM, FEATURE_EXTRACTOR, REGIONS, crop_regions, filled_slots,
-                                          region_boxes)
+from itmatch.data.scenes.features import (
+    CROP,
+    FEATURE_DIM,
+    FEATURE_EXTRACTOR,
+    REGIONS,
+    crop_regions,
+    filled_slots,
+    region_boxes,
+)
 from itmatch.data.scenes.grammar import Caption, discriminative_caption, write_captions
 from itmatch.data.scenes.probes import minimal_pairs, set_captions
 from itmatch.data.scenes.render import render
@@ -332,8 +339,9 @@ def _check_folder(out: Path, want: dict) -> bool:
                                    f"delete the folder and regenerate")
             return True
         raise ItmatchError(
-            f"{out} holds a different scenes data set (format version {have.get('version')}, seed {have.get('seed')}, "
-            f"sizes {have.get('sizes')}, features {'yes' if has_features else 'no'}); requested version {want['version']}, "
+            f"{out} holds a different scenes data set (format version {have.get('version')}, "
+            f"seed {have.get('seed')}, sizes {have.get('sizes')}, features {'yes' if has_features else 'no'}); "
+            f"requested version {want['version']}, "
             f"seed {want['seed']}, sizes {want['sizes']}, features {'yes' if want['feature_extractor'] else 'no'}: "
             f"choose another --out or delete it")
     if (out / IN_PROGRESS).is_file():
@@ -375,9 +383,9 @@ def _ensure(out_dir, seed: int, n_train: int, n_dev: int, n_test: int, features:
         if split in EVAL_SPLITS:
             built[split] = (scenes, facts)
     write_ceilings(out, built)
-    files = sorted([split + suffix for split in sizes for suffix in SPLIT_FILES if features or suffix != "_ims.npy"]
-                   + [split + suffix for split in sizes for suffix in VARYING_FILES if (out / (split + suffix)).exists()]
-                   + [CEILINGS])
+    files = [split + suffix for split in sizes for suffix in SPLIT_FILES if features or suffix != "_ims.npy"]
+    files += [split + suffix for split in sizes for suffix in VARYING_FILES if (out / (split + suffix)).exists()]
+    files = sorted(files + [CEILINGS])
     manifest = {**want, "files": files, "stats": stats}
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")

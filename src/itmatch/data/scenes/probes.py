@@ -21,8 +21,16 @@ from dataclasses import replace
 import numpy as np
 
 from itmatch.data.scenes.facts import ANY, Desc, Fact, caption_value
-from itmatch.data.scenes.grammar import (COLOUR_WORDS, NUMBER_WORDS, RELATION_WORDS, SHAPE_NOUNS, SIZE_WORDS,
-                                         Caption, _article, _join)
+from itmatch.data.scenes.grammar import (
+    COLOUR_WORDS,
+    NUMBER_WORDS,
+    RELATION_WORDS,
+    SHAPE_NOUNS,
+    SIZE_WORDS,
+    Caption,
+    _article,
+    _join,
+)
 from itmatch.data.scenes.scene import MAX_OBJECTS, SPATIAL, Scene
 
 PAIR_CHANGES = ("relation_swap", "attribute_swap", "count")
