@@ -30,6 +30,9 @@ class ImageConfig:
     hflip: bool = False  # grid only: random horizontal flips would falsify "left of" / "right of" captions
     freeze_backbone: bool = False
     region_drop: float = 0.2  # training-time augmentation: drop each region with this probability
+    # region geometry (precomp only; needs {split}_boxes.npy): none | concat (5-d box code appended to
+    # each region feature) | add (learned Linear(5 -> embed_dim) added to each region embedding, TERAN)
+    boxes: str = "none"
 
 
 @dataclass
@@ -69,6 +72,9 @@ class LossConfig:
     # InfoNCE
     temperature: float = 0.05
     learn_temperature: bool = False
+    # which pairs of a batch are negatives: ids (every pair of different images) | relevance (also
+    # never a pair the training split's relevance matrix marks relevant, or undetermined)
+    negatives: str = "ids"
     # extra regularizers added to any method's objective, e.g. [dias]
     regularizers: list[str] = field(default_factory=list)
 

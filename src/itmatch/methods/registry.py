@@ -73,6 +73,11 @@ def build_objective(cfg, model: nn.Module) -> nn.Module:
 
     The objective sees the model so that it scores batches with the model's own `similarity` and can
     build what depends on it (momentum copies, prototypes of its width)."""
+    from itmatch.data.batch import NEGATIVES
+
+    if cfg.loss.negatives not in NEGATIVES:
+        raise ItmatchError(f"config key 'loss.negatives': unknown value {cfg.loss.negatives!r} "
+                           f"(use {', '.join(NEGATIVES)})")
     objective = get_method(cfg.model.method).build_objective(cfg, model)
     if cfg.loss.regularizers:
         from itmatch.objectives.regularizers import with_regularizers

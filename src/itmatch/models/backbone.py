@@ -12,6 +12,7 @@ from torch import nn
 
 from itmatch.config import ModelConfig, OptimConfig
 from itmatch.data.batch import ImageBatch, TextBatch
+from itmatch.data.boxes import BOX_MODES
 from itmatch.encoders.image import GridEncoder, RegionEncoder
 from itmatch.encoders.pooling import POOLINGS, build_pooling
 from itmatch.encoders.text import BertTextEncoder, GRUTextEncoder, load_glove_embeddings
@@ -29,6 +30,9 @@ def check_model_config(cfg: ModelConfig) -> None:
         ("image.kind", cfg.image.kind in ("precomp", "grid"), "precomp or grid"),
         ("image.feature_dim", cfg.image.feature_dim >= 1, ">= 1"),
         ("image.backbone", cfg.image.backbone == "efficientnet-lite0", "efficientnet-lite0"),
+        ("image.boxes", cfg.image.boxes in BOX_MODES, " or ".join(BOX_MODES)),
+        ("image.boxes", cfg.image.boxes == "none" or cfg.image.kind == "precomp",
+         "none with model.image.kind grid (boxes are region boxes of precomputed features)"),
         ("text.kind", cfg.text.kind in ("gru", "bert"), "gru or bert"),
         ("text.word_dim", cfg.text.word_dim >= 1, ">= 1"),
         ("text.num_layers", cfg.text.num_layers >= 1, ">= 1"),
@@ -43,7 +47,7 @@ def check_model_config(cfg: ModelConfig) -> None:
 
 def build_image_encoder(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
     if cfg.image.kind == "precomp":
-        return RegionEncoder(cfg.image.feature_dim, cfg.embed_dim, cfg.image.mlp)
+        return RegionEncoder(cfg.image.feature_dim, cfg.embed_dim, cfg.image.mlp, boxes=cfg.image.boxes)
     if cfg.image.kind == "grid":
         return GridEncoder(cfg.embed_dim, cfg.image.backbone_weights, cfg.image.freeze_backbone,
                            load_weights=load_pretrained, mlp=cfg.image.mlp, cell_drop=cfg.image.region_drop)
@@ -113,7 +117,7 @@ class VSEModel(nn.Module):
         mask = batch.region_mask
         if mask is None:
             mask = torch.ones(batch.regions.shape[:2], dtype=torch.bool, device=batch.regions.device)
-        return self.image_encoder(batch.regions, mask), mask
+        return self.image_encoder(batch.regions, mask, batch.boxes), mask
 
     def text_fragments(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text_encoder(batch.tokens, batch.token_mask), batch.token_mask

@@ -5,14 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from itmatch.config import Config
-from itmatch.data.batch import ImageBatch, TextBatch, positive_mask
+from itmatch.data.batch import ImageBatch, TextBatch, pair_masks
 from itmatch.errors import ItmatchError
 
 REGULARIZERS = ("dias",)
 
 
 def build_regularizer(name: str, cfg: Config) -> nn.Module:
-    """A module with `forward(out, positives) -> dict of named terms`, its weighted total under "loss"."""
+    """A module with `forward(out, positives, negatives=None) -> dict of named terms`, its weighted total
+    under "loss"; `negatives` as `data.batch.pair_masks` gives them (None = every non-positive pair)."""
     if name == "dias":
         from itmatch.objectives.dias import DIASRegularizer
 
@@ -36,9 +37,9 @@ class RegularizedObjective(nn.Module):
     def forward(self, out: dict, img_batch: ImageBatch, txt_batch: TextBatch, progress) -> dict:
         terms = dict(self.base(out, img_batch, txt_batch, progress))
         loss = terms["loss"]
-        positives = positive_mask(img_batch.image_index, txt_batch.image_index)
+        positives, negatives = pair_masks(img_batch, txt_batch)
         for name, reg in self.regularizers.items():
-            reg_terms = reg(out, positives)
+            reg_terms = reg(out, positives, negatives)
             loss = loss + reg_terms["loss"]
             terms[name] = reg_terms["loss"].detach()
             for key, value in reg_terms.items():
