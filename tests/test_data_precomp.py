@@ -255,9 +255,12 @@ def test_scenes_manifest_gives_the_pixel_unit(tmp_path):
 
 
 def test_real_scenes_boxes_load_in_pixels(tiny_scenes):
+    from itmatch.data.inspect import inspect_split
+
     s = load_split(tiny_scenes, "train")
     assert s.boxes.shape == (s.n_images, 12, 4) and (s.image_sizes == 128).all()
     assert s.boxes.max() > 1.5  # pixels, not relative
+    assert inspect_split(tiny_scenes, "train")["box_unit"] == "pixels"
 
 
 def test_relevance(tmp_path):
