@@ -193,11 +193,74 @@ def test_boxes(tmp_path):
     np.save(tmp_path / "test_boxes.npy", np.zeros((3, 4, 4), np.float32))
     with pytest.raises(ItmatchError, match=r"test_boxes.npy has shape \(3, 4, 4\), expected \(3, 5, 4\)"):
         load_split(tmp_path, "test")
-    boxes = np.arange(3 * 5 * 4, dtype=np.float32).reshape(3, 5, 4)
+    rng = np.random.default_rng(0)
+    corners = np.sort(rng.uniform(0, 1, (3, 5, 2, 2)), axis=2)  # x1 <= x2, y1 <= y2
+    boxes = corners.transpose(0, 1, 3, 2).reshape(3, 5, 4)[..., [0, 2, 1, 3]].astype(np.float32)
     np.save(tmp_path / "test_boxes.npy", boxes)
     s = load_split(tmp_path, "test")
     assert isinstance(s.boxes, np.memmap)
+    assert s.image_sizes is None  # relative boxes
     np.testing.assert_array_equal(s.boxes, boxes)
+
+
+def _boxes_in_pixels(n=3, r=5, w=200.0, h=100.0):
+    x = np.sort(np.random.default_rng(1).uniform(0, w, (n, r, 2)), axis=-1)
+    y = np.sort(np.random.default_rng(2).uniform(0, h, (n, r, 2)), axis=-1)
+    return np.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1).astype(np.float32)
+
+
+def test_pixel_boxes_need_image_sizes(tmp_path):
+    make_precomp(tmp_path, n=3, k=1, r=5)
+    boxes = _boxes_in_pixels()
+    np.save(tmp_path / "test_boxes.npy", boxes)
+    with pytest.raises(ItmatchError, match=r"boxes outside the image in image rows 0, 1, 2 .*test_image_sizes.npy"):
+        load_split(tmp_path, "test")
+    np.save(tmp_path / "test_image_sizes.npy", np.array([[200, 100]] * 3))
+    s = load_split(tmp_path, "test")
+    np.testing.assert_array_equal(s.image_sizes, [[200.0, 100.0]] * 3)
+    np.save(tmp_path / "test_image_sizes.npy", np.array([[200, 100], [50, 100], [200, 100]]))
+    with pytest.raises(ItmatchError, match=r"boxes outside the image in image rows 1$"):
+        load_split(tmp_path, "test")
+    for bad, message in ((np.ones((3, 3)), r"must be an \(3, 2\) numeric array"),
+                         (np.array([[200, 100], [0, 100], [200, 100]]), "finite and > 0; not so in rows 1")):
+        np.save(tmp_path / "test_image_sizes.npy", bad)
+        with pytest.raises(ItmatchError, match=message):
+            load_split(tmp_path, "test")
+    (tmp_path / "test_boxes.npy").unlink()
+    with pytest.raises(ItmatchError, match="test_image_sizes.npy is given but test_boxes.npy is missing"):
+        load_split(tmp_path, "test")
+
+
+@pytest.mark.parametrize("row, box, message", [
+    (2, [0.5, 0.1, 0.4, 0.2], r"x2 < x1 or y2 < y1 in image rows 2"),
+    (1, [0.1, 0.5, 0.2, 0.4], r"x2 < x1 or y2 < y1 in image rows 1"),
+    (0, [np.nan, 0.1, 0.2, 0.3], r"NaN or inf in image rows 0"),
+    (1, [-0.2, 0.1, 0.2, 0.3], r"outside the image in image rows 1"),
+])
+def test_bad_boxes_name_their_rows(tmp_path, row, box, message):
+    make_precomp(tmp_path, n=3, k=1, r=5)
+    boxes = np.tile(np.array([0.1, 0.2, 0.3, 0.4], np.float32), (3, 5, 1))
+    boxes[row, 3] = box
+    np.save(tmp_path / "test_boxes.npy", boxes)
+    with pytest.raises(ItmatchError, match="test_boxes.npy: boxes " + message):
+        load_split(tmp_path, "test")
+
+
+def test_scenes_manifest_gives_the_pixel_unit(tmp_path):
+    make_precomp(tmp_path, n=3, k=1, r=5)
+    np.save(tmp_path / "test_boxes.npy", _boxes_in_pixels(w=128.0, h=128.0))
+    (tmp_path / "scenes.json").write_text('{"format": "itmatch-scenes", "image_size": 128}')
+    s = load_split(tmp_path, "test")
+    np.testing.assert_array_equal(s.image_sizes, np.full((3, 2), 128.0))
+
+
+def test_real_scenes_boxes_load_in_pixels(tiny_scenes):
+    from itmatch.data.inspect import inspect_split
+
+    s = load_split(tiny_scenes, "train")
+    assert s.boxes.shape == (s.n_images, 12, 4) and (s.image_sizes == 128).all()
+    assert s.boxes.max() > 1.5  # pixels, not relative
+    assert inspect_split(tiny_scenes, "train")["box_unit"] == "pixels"
 
 
 def test_relevance(tmp_path):

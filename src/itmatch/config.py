@@ -48,9 +48,14 @@ class ImageConfig:
     hflip: bool = False  # grid only: random horizontal flips would falsify "left of" / "right of" captions
     freeze_backbone: bool = False
     region_drop: float = 0.2  # training-time augmentation: drop each region with this probability
+    # region geometry (precomp only; needs {split}_boxes.npy): none | concat (5-d box code appended to
+    # each region feature) | add (learned Linear(5 -> embed_dim) added to each region embedding, TERAN)
+    boxes: Literal["none", "concat", "add"] = "none"
 
     def check(self, cfg: Config) -> None:
         check_values(self, "model.image", [
+            ("boxes", self.boxes == "none" or self.kind == "precomp",
+             "none with model.image.kind grid (boxes are region boxes of precomputed features)"),
             ("feature_dim", self.feature_dim >= 1, ">= 1"),
             ("image_size", self.image_size >= 1, ">= 1"),
             ("region_drop", 0.0 <= self.region_drop < 1.0, "in [0, 1)"),
@@ -110,6 +115,9 @@ class LossConfig:
     # InfoNCE
     temperature: float = 0.05
     learn_temperature: bool = False
+    # which pairs of a batch are negatives: ids (every pair of different images) | relevance (also
+    # never a pair the training split's relevance matrix marks relevant, or undetermined)
+    negatives: Literal["ids", "relevance"] = "ids"
     # extra regularizers added to any method's objective, e.g. [dias]
     regularizers: list[str] = field(default_factory=list)
 

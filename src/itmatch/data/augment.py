@@ -92,16 +92,13 @@ def augment_tokens(
     )
 
 
-def drop_regions(
-    regions: torch.Tensor, region_mask: torch.Tensor, p: float, generator: torch.Generator
+def plan_region_drop(
+    region_mask: torch.Tensor, p: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop each real region with probability p (at least one survives per row) and compact.
-
-    Returns (B, R', F) regions and (B, R') mask with R' <= R the largest number kept in a row.
-    """
-    if p <= 0 or regions.shape[1] == 0:
-        return regions, region_mask
-    b, r, _ = regions.shape
+    """Which regions survive: `(order, out_mask)`, the (B, R') source column of each kept slot and the
+    (B, R') mask of the compacted batch. Apply it to any per-region tensor with `take_regions`, so
+    features and boxes lose the same regions."""
+    b, r = region_mask.shape
     u = torch.rand(b, r, generator=generator)
     keep = region_mask & (u >= p)
     # A row that lost everything keeps its real region with the largest draw.
@@ -113,8 +110,30 @@ def drop_regions(
     width = int(counts.max())
     # Stable sort on "dropped" puts kept regions first, in their original order.
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    return order, torch.arange(width)[None, :] < counts[:, None]
+
+
+def take_regions(x: torch.Tensor, order: torch.Tensor, out_mask: torch.Tensor) -> torch.Tensor:
+    """(B, R, ...) -> (B, R', ...): the slots `plan_region_drop` kept, padding slots zeroed."""
+    b, r = x.shape[:2]
     # index_select on flattened rows: several times faster than gather with an expanded index.
-    flat = regions.reshape(b * r, -1).index_select(0, (order + r * torch.arange(b)[:, None]).reshape(-1))
-    out_mask = torch.arange(width)[None, :] < counts[:, None]
+    flat = x.reshape(b * r, -1).index_select(0, (order + r * torch.arange(b)[:, None]).reshape(-1))
     flat.index_fill_(0, torch.nonzero(~out_mask.reshape(-1)).flatten(), 0)  # padding slots hold zeros
-    return flat.view(b, width, *regions.shape[2:]), out_mask
+    return flat.view(b, order.shape[1], *x.shape[2:])
+
+
+def drop_regions(
+    regions: torch.Tensor, region_mask: torch.Tensor, p: float, generator: torch.Generator,
+    boxes: torch.Tensor | None = None,
+):
+    """Drop each real region with probability p (at least one survives per row) and compact.
+
+    Returns (B, R', F) regions and (B, R') mask with R' <= R the largest number kept in a row; with
+    `boxes` (B, R, K) also the same regions' boxes, (B, R', K), as a third value.
+    """
+    if p <= 0 or regions.shape[1] == 0:
+        return (regions, region_mask) if boxes is None else (regions, region_mask, boxes)
+    order, out_mask = plan_region_drop(region_mask, p, generator)
+    if boxes is None:
+        return take_regions(regions, order, out_mask), out_mask
+    return take_regions(regions, order, out_mask), out_mask, take_regions(boxes, order, out_mask)

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from itmatch.data.augment import augment_tokens, drop_regions
-from itmatch.data.batch import ImageBatch, TextBatch
+from itmatch.data.batch import NEGATIVES, ImageBatch, TextBatch
+from itmatch.data.boxes import box_features
 from itmatch.data.split import RetrievalSplit
 from itmatch.errors import ItmatchError
 
@@ -190,10 +191,12 @@ def _load_image(path: Path):
 
 # --------------------------------------------------------------------------- datasets
 class _ImageSource:
-    """Region rows from the feature memmap, or image files through a transform."""
+    """Region rows from the feature memmap (with their box codes when the split has boxes), or image
+    files through a transform."""
 
     def __init__(self, split: RetrievalSplit, image_transform):
         self.transform = image_transform
+        self.boxes, self.image_sizes = None, None
         if image_transform is not None:
             if split.image_paths is None:
                 raise ItmatchError(f"split '{split.name}' has no image files; a grid image encoder needs them")
@@ -204,6 +207,9 @@ class _ImageSource:
                     f"split '{split.name}' has no region features ({{split}}_ims.npy); use a grid image encoder"
                 )
             self.paths, self.features = None, MappedArray(split.features)
+            if split.boxes is not None:
+                self.boxes = MappedArray(split.boxes)
+                self.image_sizes = None if split.image_sizes is None else np.asarray(split.image_sizes, np.float64)
 
     def get(self, row: int, generator: torch.Generator | None = None):
         if self.features is not None:
@@ -211,12 +217,55 @@ class _ImageSource:
             return np.array(self.features.array[row], dtype=np.float32)
         return self.transform(_load_image(self.paths[row]), generator)
 
-    def collate(self, data: list, image_index: torch.Tensor) -> ImageBatch:
+    def get_boxes(self, row: int) -> np.ndarray | None:
+        """(R, 5) float32 box codes of image `row`'s regions, or None when the split has no boxes."""
+        if self.boxes is None:
+            return None
+        w, h = (1.0, 1.0) if self.image_sizes is None else self.image_sizes[row]
+        return box_features(np.asarray(self.boxes.array[row])[None], w, h)[0]
+
+    def collate(self, data: list, image_index: torch.Tensor, boxes: list | None = None) -> ImageBatch:
         if self.features is not None:
             regions = torch.from_numpy(np.stack(data))
-            mask = torch.ones(regions.shape[:2], dtype=torch.bool)
-            return ImageBatch(image_index=image_index, regions=regions, region_mask=mask)
+            box_codes = None if self.boxes is None else torch.from_numpy(np.stack(boxes))
+            if box_codes is None:
+                mask = torch.ones(regions.shape[:2], dtype=torch.bool)
+            else:  # a box of no extent is a padding slot (the scenes benchmark's absent objects)
+                mask = (box_codes[..., 2] > box_codes[..., 0]) & (box_codes[..., 3] > box_codes[..., 1])
+            return ImageBatch(image_index=image_index, regions=regions, region_mask=mask, boxes=box_codes)
         return ImageBatch(image_index=image_index, pixels=torch.stack(data))
+
+
+def non_negative_matrices(split: RetrievalSplit) -> list:
+    """The split's captions x images matrices of pairs that may not be negatives: its relevance, and
+    its `undetermined` pairs where it has such a matrix (three-valued relevance), as CSR."""
+    import scipy.sparse
+
+    out = []
+    for matrix in (split.relevance, getattr(split, "undetermined", None)):
+        if matrix is not None:
+            out.append(scipy.sparse.csr_matrix(matrix, dtype=bool))
+    return out
+
+
+def relevance_block(matrices: list, caption_rows, image_rows) -> np.ndarray:
+    """(len(image_rows), len(caption_rows)) bool: True where any of `matrices` (captions x images,
+    from `non_negative_matrices`) holds pair (caption_rows[j], image_rows[i])."""
+    caption_rows, image_rows = np.asarray(caption_rows, np.int64), np.asarray(image_rows, np.int64)
+    out = np.zeros((len(image_rows), len(caption_rows)), dtype=bool)
+    for matrix in matrices:
+        out |= matrix[caption_rows][:, image_rows].toarray().astype(bool).T
+    return out
+
+
+def check_negatives(split: RetrievalSplit, negatives: str) -> str:
+    """`loss.negatives` checked against the values it takes and the data it needs."""
+    if negatives not in NEGATIVES:
+        raise ItmatchError(f"config key 'loss.negatives': unknown value {negatives!r} (use {', '.join(NEGATIVES)})")
+    if negatives == "relevance" and split.relevance is None:
+        raise ItmatchError(f"config key 'loss.negatives' is relevance but split '{split.name}' in {split.root} has "
+                           f"no relevance matrix ({split.name}_relevance.npz); use loss.negatives: ids")
+    return negatives
 
 
 def _check_prob(value: float, key: str) -> float:
@@ -239,7 +288,11 @@ class PairDataset(Dataset):
         region_drop: float = 0.2,
         image_transform=None,
         seed: int = 0,
+        negatives: str = "ids",
     ):
+        self.negatives = check_negatives(split, negatives)
+        # Only the sparse matrices are kept (never the split: its memmaps must not be pickled to workers).
+        self.non_negative_matrices = non_negative_matrices(split) if self.negatives == "relevance" else []
         self.captions = split.captions
         self.caption_to_image = np.asarray(split.caption_to_image, dtype=np.int64)
         self.images = _ImageSource(split, image_transform)
@@ -261,21 +314,28 @@ class PairDataset(Dataset):
         c = int(c)
         row = int(self.caption_to_image[c])
         g = seeded_generator(self.seed, self.epoch, c) if self.train and self.images.features is None else None
-        return c, row, self.captions[c], self.images.get(row, g)
+        return c, row, self.captions[c], self.images.get(row, g), self.images.get_boxes(row)
 
     def collate(self, items: list) -> tuple[ImageBatch, TextBatch]:
-        caps, rows, texts, data = zip(*items)
+        caps, rows, texts, data, boxes = zip(*items)
         caption_index = torch.tensor(caps, dtype=torch.long)
         image_index = torch.tensor(rows, dtype=torch.long)
         tokens, mask = self.tokenizer.encode_batch(list(texts), self.max_length)
-        images = self.images.collate(list(data), image_index)
+        images = self.images.collate(list(data), image_index, list(boxes))
         if self.train:
             g = seeded_generator(self.seed, self.epoch, *caps)
             tokens, mask = augment_tokens(tokens, mask, self.tokenizer, self.token_noise, g)
-            if images.regions is not None:
+            if images.regions is not None and images.boxes is not None:
+                images.regions, images.region_mask, images.boxes = drop_regions(
+                    images.regions, images.region_mask, self.region_drop, g, boxes=images.boxes)
+            elif images.regions is not None:
                 images.regions, images.region_mask = drop_regions(
                     images.regions, images.region_mask, self.region_drop, g)
-        text = TextBatch(tokens=tokens, token_mask=mask, caption_index=caption_index, image_index=image_index.clone())
+        non_negatives = None
+        if self.negatives == "relevance":
+            non_negatives = torch.from_numpy(relevance_block(self.non_negative_matrices, caps, rows))
+        text = TextBatch(tokens=tokens, token_mask=mask, caption_index=caption_index, image_index=image_index.clone(),
+                         non_negatives=non_negatives)
         return images, text
 
 
@@ -290,11 +350,11 @@ class ImageDataset(Dataset):
         return self.n
 
     def __getitem__(self, row: int):
-        return int(row), self.images.get(int(row))
+        return int(row), self.images.get(int(row)), self.images.get_boxes(int(row))
 
     def collate(self, items: list) -> ImageBatch:
-        rows, data = zip(*items)
-        return self.images.collate(list(data), torch.tensor(rows, dtype=torch.long))
+        rows, data, boxes = zip(*items)
+        return self.images.collate(list(data), torch.tensor(rows, dtype=torch.long), list(boxes))
 
 
 class CaptionDataset(Dataset):

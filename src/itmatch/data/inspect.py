@@ -41,6 +41,7 @@ def inspect_split(root: str | Path, split: str, chunk_rows: int | None = None) -
         "caption_words": {"min": int(words.min()), "mean": round(float(words.mean()), 2), "max": int(words.max())},
         "nonfinite_rows": None,
         "boxes": None if data.boxes is None else list(data.boxes.shape),
+        "box_unit": None if data.boxes is None else ("pixels" if data.image_sizes is not None else "relative"),
         "relevance": None,
         "twins": None if data.twins is None else int(len(data.twins)),
     }
@@ -85,7 +86,7 @@ def format_summary(s: dict) -> str:
                  + ("" if ids["unique"] else " (NOT unique)") + "; caption ids "
                  + (("from file" + ("" if cids["unique"] else " (NOT unique)")) if cids["present"] else "none"))
     extras = []
-    extras.append(f"boxes {tuple(s['boxes'])}" if s["boxes"] else "no boxes")
+    extras.append(f"boxes {tuple(s['boxes'])} in {s['box_unit']}" if s["boxes"] else "no boxes")
     rel = s["relevance"]
     extras.append(f"relevance {rel['nnz']} positives ({rel['beyond_own_image']} beyond own image)" if rel
                   else "no relevance")

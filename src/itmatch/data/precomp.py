@@ -8,7 +8,10 @@ Files of a split `S` inside one folder (see docs/data.md):
                     k per image, in image order, and caption c belongs to image c // k)
     S_ids.txt       one image id per line (optional; default "0".."N-1")
     S_capids.txt    one caption id per line (optional, e.g. COCO caption annotation ids)
-    S_boxes.npy     N_img x R x 4 region boxes (optional)
+    S_boxes.npy     N_img x R x 4 region boxes x1, y1, x2, y2 (optional)
+    S_image_sizes.npy N_img x 2 image width, height: the pixel unit of S_boxes.npy (optional; without
+                    it boxes must already be relative to the image, in [0, 1], unless the folder is
+                    a scenes benchmark whose scenes.json gives the image size)
     S_relevance.npz scipy.sparse captions x images extended positives (optional)
     S_twins.npy     K x 2 image rows of hard-negative twins (optional)
 
@@ -19,6 +22,7 @@ truncated .npy maps fine and only fails (or returns garbage) when the missing ro
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import zipfile
@@ -53,6 +57,7 @@ def split_files(root: str | Path, split: str) -> dict[str, Path]:
         "ids": root / f"{split}_ids.txt",
         "capids": root / f"{split}_capids.txt",
         "boxes": root / f"{split}_boxes.npy",
+        "image_sizes": root / f"{split}_image_sizes.npy",
         "relevance": root / f"{split}_relevance.npz",
         "twins": root / f"{split}_twins.npy",
     }
@@ -193,6 +198,85 @@ def _load_twins(path: Path, n_images: int) -> np.ndarray:
     return twins
 
 
+def _manifest_image_size(root: Path) -> float | None:
+    """The square image side a scenes benchmark folder's manifest (scenes.json) declares, if any."""
+    path = root / "scenes.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    size = manifest.get("image_size") if isinstance(manifest, dict) else None
+    return float(size) if isinstance(size, (int, float)) and size > 0 else None
+
+
+def _load_image_sizes(path: Path, n_images: int) -> np.ndarray:
+    header = read_npy_header(path)
+    if header.shape != (n_images, 2) or not (
+        np.issubdtype(header.dtype, np.integer) or np.issubdtype(header.dtype, np.floating)
+    ):
+        raise ItmatchError(f"{path} must be an ({n_images}, 2) numeric array of image width, height; "
+                           f"got shape {header.shape} {header.dtype}")
+    sizes = np.load(path, allow_pickle=False).astype(np.float64)
+    bad = np.flatnonzero(~(np.isfinite(sizes) & (sizes > 0)).all(axis=1))
+    if len(bad):
+        raise ItmatchError(f"{path}: image width and height must be finite and > 0; not so in rows "
+                           f"{', '.join(map(str, bad[:5]))}")
+    return sizes
+
+
+def _check_box_values(path: Path, boxes: np.ndarray, sizes: np.ndarray | None, chunk_rows: int = 4096) -> None:
+    """Raise on the first rows whose boxes are not finite, inverted (x2 < x1, y2 < y1) or outside the
+    image: [0, W] x [0, H] in pixels, [0, 1] for relative boxes (a tolerance of 1e-3 of the side)."""
+    problems: dict[str, list[int]] = {}
+    for start in range(0, boxes.shape[0], chunk_rows):
+        b = np.asarray(boxes[start : start + chunk_rows], dtype=np.float64)  # (n, R, 4)
+        if sizes is None:
+            w = h = np.ones((b.shape[0], 1))
+        else:
+            w, h = sizes[start : start + chunk_rows, :1], sizes[start : start + chunk_rows, 1:]
+        x1, y1, x2, y2 = (b[..., k] for k in range(4))
+        finite = np.isfinite(b).all(axis=-1)
+        tol_w, tol_h = 1e-3 * w, 1e-3 * h
+        checks = {
+            "NaN or inf": ~finite,
+            "x2 < x1 or y2 < y1": finite & ((x2 < x1) | (y2 < y1)),
+            "outside the image": finite & ((x1 < -tol_w) | (y1 < -tol_h) | (x2 > w + tol_w) | (y2 > h + tol_h)),
+        }
+        for what, bad in checks.items():
+            rows = start + np.flatnonzero(bad.any(axis=1))
+            if len(rows):
+                problems.setdefault(what, []).extend(rows[:5].tolist())
+    if problems:
+        what, rows = next(iter(problems.items()))
+        hint = ("" if sizes is not None else
+                " (boxes without an image sizes file must be relative to the image, in [0, 1]; "
+                f"give {path.name.replace('_boxes.npy', '_image_sizes.npy')} for pixel boxes)")
+        raise ItmatchError(f"{path}: boxes {what} in image rows {', '.join(map(str, rows[:5]))}"
+                           + (hint if what == "outside the image" else ""))
+
+
+def _load_boxes(path: Path, sizes_path: Path, root: Path, n_images: int, n_regions: int | None):
+    """(boxes memmap, image sizes or None): shapes, values and their pixel unit checked."""
+    bh = read_npy_header(path)
+    if len(bh.shape) != 3 or bh.shape[0] != n_images or bh.shape[2] != 4 or (
+        n_regions is not None and bh.shape[1] != n_regions
+    ):
+        want = f"({n_images}, {n_regions if n_regions is not None else 'R'}, 4)"
+        raise ItmatchError(f"{path} has shape {bh.shape}, expected {want}")
+    if not (np.issubdtype(bh.dtype, np.floating) or np.issubdtype(bh.dtype, np.integer)):
+        raise ItmatchError(f"{path} must hold numeric boxes, got dtype {bh.dtype}")
+    boxes = open_npy(path)
+    if sizes_path.is_file():
+        sizes = _load_image_sizes(sizes_path, n_images)
+    else:
+        side = _manifest_image_size(root)
+        sizes = None if side is None else np.full((n_images, 2), side)
+    _check_box_values(path, boxes, sizes)
+    return boxes, sizes
+
+
 def load_split(
     root: str | Path, split: str, *, features: bool = True, check_finite: bool = False
 ) -> RetrievalSplit:
@@ -255,16 +339,12 @@ def load_split(
         if len(caption_ids) != n_captions:
             raise ItmatchError(f"{files['capids']} has {len(caption_ids)} lines for {n_captions} captions")
 
-    boxes = None
+    boxes, image_sizes = None, None
     if files["boxes"].is_file():
-        bh = read_npy_header(files["boxes"])
         n_regions = header.shape[1] if header is not None else None
-        if len(bh.shape) != 3 or bh.shape[0] != n_images or bh.shape[2] != 4 or (
-            n_regions is not None and bh.shape[1] != n_regions
-        ):
-            want = f"({n_images}, {n_regions if n_regions is not None else 'R'}, 4)"
-            raise ItmatchError(f"{files['boxes']} has shape {bh.shape}, expected {want}")
-        boxes = open_npy(files["boxes"])
+        boxes, image_sizes = _load_boxes(files["boxes"], files["image_sizes"], root, n_images, n_regions)
+    elif files["image_sizes"].is_file():
+        raise ItmatchError(f"{files['image_sizes']} is given but {files['boxes'].name} is missing")
 
     relevance = _load_relevance(files["relevance"], n_captions, n_images) if files["relevance"].is_file() else None
     twins = _load_twins(files["twins"], n_images) if files["twins"].is_file() else None
@@ -279,6 +359,7 @@ def load_split(
         caption_ids=caption_ids,
         features=feats,
         boxes=boxes,
+        image_sizes=image_sizes,
         relevance=relevance,
         twins=twins,
         extra={

@@ -61,6 +61,20 @@ def load_configured_split(cfg: DataConfig, split: str, root: Path | None = None,
     raise ItmatchError(f"config key 'data.format': unknown format {cfg.format!r} (use precomp, karpathy, csv, jsonl)")
 
 
+def check_split_fits(cfg, split: RetrievalSplit, training: bool = False) -> None:
+    """One clear error, before any model is built, when the config asks for data the split lacks:
+    region boxes for `model.image.boxes` != none, a relevance matrix for `loss.negatives: relevance`
+    (training splits only). `cfg` is the whole `Config`."""
+    boxes = cfg.model.image.boxes
+    if boxes != "none" and cfg.model.image.kind == "precomp" and split.boxes is None:
+        raise ItmatchError(f"config key 'model.image.boxes' is {boxes} but split '{split.name}' in {split.root} "
+                           f"has no region boxes ({split.name}_boxes.npy); use model.image.boxes: none")
+    if training:
+        from itmatch.data.datasets import check_negatives
+
+        check_negatives(split, cfg.loss.negatives)
+
+
 def take_images(split: RetrievalSplit, n_images: int | None) -> RetrievalSplit:
     """The first `n_images` images of a split with their captions (the reference repos' 1K dev subset)."""
     if n_images is None or n_images >= split.n_images:
@@ -80,6 +94,7 @@ def take_images(split: RetrievalSplit, n_images: int | None) -> RetrievalSplit:
         caption_ids=None if split.caption_ids is None else [split.caption_ids[i] for i in keep_caps],
         features=None if split.features is None else split.features[:n_images],
         boxes=None if split.boxes is None else split.boxes[:n_images],
+        image_sizes=None if split.image_sizes is None else split.image_sizes[:n_images],
         image_paths=None if split.image_paths is None else split.image_paths[:n_images],
         relevance=relevance,
         twins=twins,

@@ -24,7 +24,11 @@ class RetrievalSplit:
     caption_ids: list[str] | None = None
     # Precomputed region features, N_img x R x F, normally a read-only np.memmap. None for image files.
     features: np.ndarray | None = None
+    # Region boxes, N_img x R x 4 (x1, y1, x2, y2), row-aligned with `features`, normally a read-only
+    # np.memmap: in pixels of the image when `image_sizes` is given, else already relative (in [0, 1]).
     boxes: np.ndarray | None = None
+    # N_img x 2 float (width, height) of each image, the unit of pixel `boxes`; None for relative boxes.
+    image_sizes: np.ndarray | None = None
     # Image files, one per image row, for datasets of raw images.
     image_paths: list[Path] | None = None
     # Extended positives: sparse captions x images boolean matrix (scipy.sparse.csr_matrix).

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from itmatch.data.boxes import BOX_DIM, BOX_MODES
 from itmatch.errors import ItmatchError
 
 
@@ -39,23 +40,45 @@ class RegionEncoder(nn.Module):
 
     `out = fc(x) + mlp(x)` with `mlp = Linear(F -> D/2) -> BatchNorm -> ReLU -> Linear(D/2 -> D)`;
     with `mlp=False` only the FC. Padded positions of the output are zeros.
+
+    `boxes` (`model.image.boxes`) feeds each region's 5-d box code (`data.boxes.box_features`):
+    "concat" appends it to the region feature, so fc and mlp read F + 5 inputs; "add" adds a learned
+    Linear(5 -> D) of it to the region embedding (TERAN); "none" ignores boxes (the default).
     """
 
-    def __init__(self, feature_dim: int, embed_dim: int, mlp: bool = True):
+    def __init__(self, feature_dim: int, embed_dim: int, mlp: bool = True, boxes: str = "none"):
         super().__init__()
-        self.fc = nn.Linear(feature_dim, embed_dim)
+        if boxes not in BOX_MODES:
+            raise ItmatchError(f"config key 'model.image.boxes': {boxes!r} must be {' or '.join(BOX_MODES)}")
+        self.boxes = boxes
+        in_dim = feature_dim + (BOX_DIM if boxes == "concat" else 0)
+        self.fc = nn.Linear(in_dim, embed_dim)
         self.use_mlp = mlp
         if mlp:
             hidden = max(embed_dim // 2, 1)
-            self.mlp_in = nn.Linear(feature_dim, hidden)
+            self.mlp_in = nn.Linear(in_dim, hidden)
             self.mlp_bn = MaskedBatchNorm1d(hidden)
             self.mlp_out = nn.Linear(hidden, embed_dim)
+        if boxes == "add":
+            self.box_proj = nn.Linear(BOX_DIM, embed_dim)
 
-    def forward(self, regions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, regions: torch.Tensor, mask: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        if self.boxes != "none":
+            if boxes is None:
+                raise ItmatchError(f"model.image.boxes is {self.boxes} but the image batch holds no region boxes "
+                                   "(the data has no {split}_boxes.npy)")
+            if boxes.shape != (*regions.shape[:2], BOX_DIM):
+                raise ItmatchError(f"region boxes of shape {tuple(boxes.shape)} do not fit regions of shape "
+                                   f"{tuple(regions.shape)} (expected {(*regions.shape[:2], BOX_DIM)})")
+            boxes = boxes.to(regions.dtype)
+        if self.boxes == "concat":
+            regions = torch.cat([regions, boxes], dim=-1)
         out = self.fc(regions)
         if self.use_mlp:
             h = torch.relu(self.mlp_bn(self.mlp_in(regions), mask))
             out = out + self.mlp_out(h)
+        if self.boxes == "add":
+            out = out + self.box_proj(boxes)
         return out.masked_fill(~mask.unsqueeze(-1), 0.0)
 
 

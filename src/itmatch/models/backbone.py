@@ -21,7 +21,7 @@ from itmatch.similarity.dense import dot_similarity, l2_normalize, pair_dot
 
 def build_image_encoder(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
     if cfg.image.kind == "precomp":
-        return RegionEncoder(cfg.image.feature_dim, cfg.embed_dim, cfg.image.mlp)
+        return RegionEncoder(cfg.image.feature_dim, cfg.embed_dim, cfg.image.mlp, boxes=cfg.image.boxes)
     if cfg.image.kind == "grid":
         return GridEncoder(cfg.embed_dim, cfg.image.backbone_weights, cfg.image.freeze_backbone,
                            load_weights=load_pretrained, mlp=cfg.image.mlp, cell_drop=cfg.image.region_drop)
@@ -92,7 +92,7 @@ class VSEModel(nn.Module):
         mask = batch.region_mask
         if mask is None:
             mask = torch.ones(batch.regions.shape[:2], dtype=torch.bool, device=batch.regions.device)
-        return self.image_encoder(batch.regions, mask), mask
+        return self.image_encoder(batch.regions, mask, batch.boxes), mask
 
     def text_fragments(self, batch: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.text_encoder(batch.tokens, batch.token_mask), batch.token_mask

@@ -70,8 +70,10 @@ def call_hooks(objective: nn.Module, hook: str, ctx: StepContext) -> None:
 
 
 class RankingTerm(nn.Module):
-    """`forward(sims, positives, progress)`; the hinge sums over negatives during its warm-up epochs,
-    then keeps only the hardest negative (VSE++), as vse_infty's `vse_mean_warmup_epochs` does."""
+    """`forward(sims, positives, progress, negatives=None)`; the hinge sums over negatives during its
+    warm-up epochs, then keeps only the hardest negative (VSE++), as vse_infty's
+    `vse_mean_warmup_epochs` does. `negatives` (from `data.batch.pair_masks`) leaves relevant pairs
+    out of the negatives; None = every non-positive pair."""
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
@@ -87,7 +89,9 @@ class RankingTerm(nn.Module):
         else:
             raise ItmatchError(f"config key 'loss.name': unknown loss {cfg.name!r} (use {', '.join(LOSSES)})")
 
-    def forward(self, sims: torch.Tensor, positives: torch.Tensor, progress) -> torch.Tensor:
+    def forward(self, sims: torch.Tensor, positives: torch.Tensor, progress,
+                negatives: torch.Tensor | None = None) -> torch.Tensor:
         if self.name == "hinge":
-            return self.loss(sims, positives, max_violation=progress.epoch >= self.sum_warmup_epochs)
-        return self.loss(sims, positives)
+            return self.loss(sims, positives, max_violation=progress.epoch >= self.sum_warmup_epochs,
+                             negatives=negatives)
+        return self.loss(sims, positives, negatives=negatives)

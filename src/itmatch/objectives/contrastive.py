@@ -7,6 +7,10 @@ image is neither pushed away from its image nor counted as a competitor (the mis
 InfoNCE on batches with repeated images). The loss is the mean over positive pairs of each
 direction, averaged over the two directions; with one positive per row and column it is exactly
 CLIP's loss.
+
+With `negatives` given (`loss.negatives: relevance`), pairs that are neither positives nor
+negatives (relevant by the data, another image) leave the denominator the same way: they are not
+competitors, and not extra targets either.
 """
 
 from __future__ import annotations
@@ -38,13 +42,15 @@ class InfoNCE(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.exp().clamp(max=MAX_SCALE)
 
-    def forward(self, sims: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    def forward(self, sims: torch.Tensor, positives: torch.Tensor,
+                negatives: torch.Tensor | None = None) -> torch.Tensor:
+        excluded = positives if negatives is None else ~negatives
         logits = sims * self.scale()
         pos_r, pos_c = positives.nonzero(as_tuple=True)
         target = logits[pos_r, pos_c].unsqueeze(1)
-        # Row of image pos_r (column of caption pos_c) without any positive, then the anchor's own logit.
-        row = torch.cat([logits[pos_r].masked_fill(positives[pos_r], float("-inf")), target], 1)
-        col = torch.cat([logits[:, pos_c].T.masked_fill(positives[:, pos_c].T, float("-inf")), target], 1)
+        # Row of image pos_r (column of caption pos_c) without any non-negative, then the anchor's own logit.
+        row = torch.cat([logits[pos_r].masked_fill(excluded[pos_r], float("-inf")), target], 1)
+        col = torch.cat([logits[:, pos_c].T.masked_fill(excluded[:, pos_c].T, float("-inf")), target], 1)
         loss_i2t = torch.logsumexp(row, 1) - target.squeeze(1)
         loss_t2i = torch.logsumexp(col, 1) - target.squeeze(1)
         return (loss_i2t.mean() + loss_t2i.mean()) / 2

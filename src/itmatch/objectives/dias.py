@@ -284,7 +284,8 @@ class DIASRegularizer(nn.Module):
     keeps; logged only); "inter_drop"/"intra_drop" (soft mode: the price beta pays for dropping) or
     "inter_l1"/"intra_l1" (l1 mode); and "loss" = the weighted sum of the gradient-carrying terms.
     A term whose weight is 0 is not computed. Matched relations (the diagonal, and two captions of
-    one image) are not "unmatched pairs" and are excluded from both spatial terms.
+    one image) are not "unmatched pairs" and are excluded from both spatial terms; with `negatives`
+    (`loss.negatives: relevance`), neither is a pair where either caption is relevant to the other image.
     """
 
     def __init__(self, cfg: DiasConfig | None = None):
@@ -298,7 +299,8 @@ class DIASRegularizer(nn.Module):
         self.inter = SparseSpatialLoss(**args)
         self.intra = SparseSpatialLoss(**args)
 
-    def forward(self, out: dict, positives: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, out: dict, positives: torch.Tensor,
+                negatives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         needed = ["img", "txt"] + (["img_frag", "img_mask", "txt_frag", "txt_mask"] if self.w_dim > 0 else [])
         missing = [k for k in needed if out.get(k) is None]
         if missing:
@@ -314,8 +316,11 @@ class DIASRegularizer(nn.Module):
                                          positives, self.dim_samples, self.dim_center)
             terms["dim"] = dimension_alignment_loss(corr)
             total = total + self.w_dim * terms["dim"]
-        # rows are aligned, so relation (i, j) is matched when image i and image j are the same image
-        unmatched = ~(positives | positives.T)
+        # rows are aligned, so relation (i, j) is unmatched when neither (image i, caption j) nor
+        # (image j, caption i) may be matched: with image ids alone, when images i and j differ; with
+        # `negatives` from relevance, also never when either caption is relevant to the other image.
+        negatives = ~positives if negatives is None else negatives
+        unmatched = negatives & negatives.T
         for name, weight, sparse, make in (("inter", self.w_inter, self.inter, inter_discrepancy),
                                            ("intra", self.w_intra, self.intra, intra_discrepancy)):
             if weight <= 0:

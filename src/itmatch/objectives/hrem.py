@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from itmatch.config import Config
-from itmatch.data.batch import positive_mask
+from itmatch.data.batch import pair_masks
 from itmatch.objectives.base import RankingTerm
 from itmatch.objectives.relations.graph import AssociationGraphBuilder, relevance_regularizer
 from itmatch.objectives.relations.interaction import RelationInteraction
@@ -43,17 +43,17 @@ class HREMObjective(nn.Module):
         return l2_normalize(v_bar), l2_normalize(u_bar), graph
 
     def forward(self, out: dict, img_batch, txt_batch, progress) -> dict:
-        positives = positive_mask(img_batch.image_index, txt_batch.image_index)
+        positives, negatives = pair_masks(img_batch, txt_batch)
         v, u = out["img"], out["txt"]
-        base = self.ranking(self.similarity(v, u), positives, progress)
+        base = self.ranking(self.similarity(v, u), positives, progress, negatives)
         if progress.step < self.cfg.instance_warmup_steps:
             return {"loss": base, "base": base.detach()}
         v_bar, u_bar, graph = self.enhance(out)
         terms = {
             "base": base,
-            "enh_enh": self.ranking(self.similarity(v_bar, u_bar), positives, progress),
-            "enh_base": self.ranking(self.similarity(v_bar, u), positives, progress),
-            "base_enh": self.ranking(self.similarity(v, u_bar), positives, progress),
+            "enh_enh": self.ranking(self.similarity(v_bar, u_bar), positives, progress, negatives),
+            "enh_base": self.ranking(self.similarity(v_bar, u), positives, progress, negatives),
+            "base_enh": self.ranking(self.similarity(v, u_bar), positives, progress, negatives),
             "reg": self.cfg.reg_weight * relevance_regularizer(v, u, graph, self.cfg.sigma),
         }
         total = sum(terms.values())

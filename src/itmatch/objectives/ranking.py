@@ -6,6 +6,11 @@ never negatives. Each positive pair (r, c) is an anchor in both directions: imag
 negatives of its row (captions of other images), caption c against the negatives of its column
 (other images). Losses are summed over anchors, as VSE++ and HREM do (the learning rates of the
 papers are tuned for sums).
+
+`negatives` (optional, (B_img, B_txt) bool) narrows the candidates further: with
+`loss.negatives: relevance` (`data.batch.pair_masks`) a pair that the data declares relevant but that
+is not the caption's own image is neither an anchor nor a negative, it is left out. None means every
+non-positive pair, the behaviour of image ids alone.
 """
 
 from __future__ import annotations
@@ -14,16 +19,19 @@ import torch
 from torch import nn
 
 
-def anchor_costs(sims: torch.Tensor, positives: torch.Tensor, margin: float):
+def anchor_costs(sims: torch.Tensor, positives: torch.Tensor, margin: float,
+                 negatives: torch.Tensor | None = None):
     """Hinge costs of every positive pair against every candidate of its row and of its column.
 
     Returns `(cost_i2t, cost_t2i)`, each `(P, ·)` for the P positive pairs in `positives.nonzero()`
-    order: `margin + s(negative) - s(positive)` clipped at 0, and 0 where the candidate is a positive.
+    order: `margin + s(negative) - s(positive)` clipped at 0, and 0 where the candidate is not a
+    negative (a positive, or a pair `negatives` leaves out).
     """
+    excluded = positives if negatives is None else ~negatives
     pos_r, pos_c = positives.nonzero(as_tuple=True)
     s_pos = sims[pos_r, pos_c].unsqueeze(1)
-    cost_i2t = (margin + sims[pos_r] - s_pos).clamp(min=0).masked_fill(positives[pos_r], 0.0)
-    cost_t2i = (margin + sims[:, pos_c].T - s_pos).clamp(min=0).masked_fill(positives[:, pos_c].T, 0.0)
+    cost_i2t = (margin + sims[pos_r] - s_pos).clamp(min=0).masked_fill(excluded[pos_r], 0.0)
+    cost_t2i = (margin + sims[:, pos_c].T - s_pos).clamp(min=0).masked_fill(excluded[:, pos_c].T, 0.0)
     return cost_i2t, cost_t2i
 
 
@@ -39,9 +47,10 @@ class HingeLoss(nn.Module):
         self.margin = margin
         self.max_violation = max_violation
 
-    def forward(self, sims: torch.Tensor, positives: torch.Tensor, max_violation: bool | None = None) -> torch.Tensor:
+    def forward(self, sims: torch.Tensor, positives: torch.Tensor, max_violation: bool | None = None,
+                negatives: torch.Tensor | None = None) -> torch.Tensor:
         hardest = self.max_violation if max_violation is None else max_violation
-        cost_i2t, cost_t2i = anchor_costs(sims, positives, self.margin)
+        cost_i2t, cost_t2i = anchor_costs(sims, positives, self.margin, negatives)
         if hardest:
             return cost_i2t.max(1).values.sum() + cost_t2i.max(1).values.sum()
         return cost_i2t.sum() + cost_t2i.sum()
@@ -95,12 +104,13 @@ class DistanceWeightedTriplet(nn.Module):
         return torch.where(has_any, idx, torch.full_like(idx, -1))
 
     def forward(self, sims: torch.Tensor, positives: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, negatives: torch.Tensor | None = None) -> torch.Tensor:
+        negatives = ~positives if negatives is None else negatives
         pos_r, pos_c = positives.nonzero(as_tuple=True)
         with torch.no_grad():  # sampling is not differentiated
             s = sims.detach().float()
-            neg_c = self.draw(self.sampling_logits(s[pos_r], ~positives[pos_r]), generator)
-            neg_r = self.draw(self.sampling_logits(s[:, pos_c].T, ~positives[:, pos_c].T), generator)
+            neg_c = self.draw(self.sampling_logits(s[pos_r], negatives[pos_r]), generator)
+            neg_r = self.draw(self.sampling_logits(s[:, pos_c].T, negatives[:, pos_c].T), generator)
         return self.loss_given_negatives(sims, pos_r, pos_c, neg_c, neg_r)
 
     def loss_given_negatives(self, sims: torch.Tensor, pos_r: torch.Tensor, pos_c: torch.Tensor,

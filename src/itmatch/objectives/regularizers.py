@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from itmatch.data.batch import ImageBatch, TextBatch, positive_mask
+from itmatch.data.batch import ImageBatch, TextBatch, pair_masks
 
 
 class RegularizedObjective(nn.Module):
@@ -24,9 +24,9 @@ class RegularizedObjective(nn.Module):
     def forward(self, out: dict, img_batch: ImageBatch, txt_batch: TextBatch, progress) -> dict:
         terms = dict(self.base(out, img_batch, txt_batch, progress))
         loss = terms["loss"]
-        positives = positive_mask(img_batch.image_index, txt_batch.image_index)
+        positives, negatives = pair_masks(img_batch, txt_batch)
         for name, reg in self.regularizers.items():
-            reg_terms = reg(out, positives)
+            reg_terms = reg(out, positives, negatives)
             loss = loss + reg_terms["loss"]
             terms[name] = reg_terms["loss"].detach()
             for key, value in reg_terms.items():

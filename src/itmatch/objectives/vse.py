@@ -5,12 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from itmatch.config import Config, LossConfig
-from itmatch.data.batch import ImageBatch, TextBatch, positive_mask
+from itmatch.data.batch import ImageBatch, TextBatch, pair_masks
 from itmatch.objectives.base import RankingTerm
 
 
 class VSEObjective(nn.Module):
-    """The configured ranking loss on the model's similarity of the batch, positives from image ids.
+    """The configured ranking loss on the model's similarity of the batch, positives from image ids,
+    negatives from `pair_masks` (every other pair, minus relevant ones with `loss.negatives: relevance`).
 
     With `loss.name: hinge`, the hinge sums over negatives while `progress.epoch <
     loss.sum_warmup_epochs` and keeps only the hardest negative afterwards (VSE-infinity).
@@ -23,7 +24,7 @@ class VSEObjective(nn.Module):
         self.similarity = similarity  # the model's own: training scores pairs as evaluation does
 
     def forward(self, out: dict, img_batch: ImageBatch, txt_batch: TextBatch, progress) -> dict:
-        positives = positive_mask(img_batch.image_index, txt_batch.image_index)
+        positives, negatives = pair_masks(img_batch, txt_batch)
         sims = self.similarity(out["img"], out["txt"])
-        loss = self.ranking(sims, positives, progress)
+        loss = self.ranking(sims, positives, progress, negatives)
         return {"loss": loss, self.ranking.name: loss.detach()}

@@ -22,7 +22,7 @@ import torch
 
 from itmatch import checkpoint as ckpt
 from itmatch.config import Config
-from itmatch.data.setup import load_configured_split, resolve_data_root, take_images
+from itmatch.data.setup import check_split_fits, load_configured_split, resolve_data_root, take_images
 from itmatch.device import resolve_device
 from itmatch.errors import ItmatchError
 from itmatch.files import atomic_write_text
@@ -73,6 +73,8 @@ class Trainer:
         self.train_split = load_configured_split(cfg.data, cfg.data.train_split, self.data_root)
         dev = load_configured_split(cfg.data, cfg.data.dev_split, self.data_root, check_finite=True)
         self.dev_split = take_images(dev, cfg.data.max_dev_images)
+        check_split_fits(cfg, self.train_split, training=True)
+        check_split_fits(cfg, self.dev_split)
         if self.resume_from is not None:
             self.tokenizer = load_tokenizer(self.resume_from / ckpt.TOKENIZER)
         else:
@@ -85,7 +87,7 @@ class Trainer:
         self.dataset = PairDataset(
             self.train_split, self.tokenizer, max_length=cfg.model.text.max_length, train=True,
             token_noise=cfg.model.text.token_noise, region_drop=cfg.model.image.region_drop,
-            image_transform=transform, seed=cfg.train.seed,
+            image_transform=transform, seed=cfg.train.seed, negatives=cfg.loss.negatives,
         )
         self.sampler = self._build_sampler()
         self.hooks = [NeighbourRefresh(self.sampler)] if hasattr(self.sampler, "needs_embeddings") else []

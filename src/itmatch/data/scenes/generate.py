@@ -54,7 +54,7 @@ TWIN_SHARE = 0.22  # share of the images of a split that belong to a hard-negati
 MANIFEST = "scenes.json"
 CEILINGS = "ceilings.json"
 IN_PROGRESS = ".scenes-in-progress"  # written first: marks a folder as ours while it is being filled
-SPLIT_FILES = ("_ims.npy", "_boxes.npy", "_caps.txt", "_ids.txt", "_capids.txt", "_relevance.npz",
+SPLIT_FILES = ("_ims.npy", "_boxes.npy", "_image_sizes.npy", "_caps.txt", "_ids.txt", "_capids.txt", "_relevance.npz",
                "_undetermined.npz", "_captions.jsonl", "_twins.npy", "_scenes.jsonl", ".csv")
 VARYING_FILES = ("_cap2img.txt",)  # splits whose images have different numbers of captions
 CHUNK_IMAGES = 64  # images rendered and encoded per step: bounds memory whatever the split size
@@ -273,6 +273,8 @@ def write_split(out: Path, seed: int, split: str, n: int, encoder, progress: boo
         feats.flush()
         del feats
     np.save(out / f"{split}_boxes.npy", boxes)
+    # boxes are in pixels: the sizes file says so to any reader (also while the manifest is not written yet)
+    np.save(out / f"{split}_image_sizes.npy", np.full((len(boxes), 2), IMAGE_SIZE, dtype=np.float32))
     roles = [info["role"] for _r, _c, info in cols]
     stats = {"images": n, "captions": roles.count("main"), "minimal_pairs": roles.count("foil"),
              "twin_pairs": int(len(twins)), "relevant_pairs": int(rel.nnz), "undetermined_pairs": int(und.nnz)}
