@@ -297,3 +297,15 @@ def test_a_folder_that_is_no_comparison_is_refused(tmp_path):
     rc, _, err = _call(["compare", "vse_scenes", "--out", str(tmp_path / "cmp")])
     assert rc == 2 and "holds no comparison" in err
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["notes.txt"]
+
+
+def test_nested_breakdowns_are_flattened_and_split_counts_left_out():
+    from itmatch.compare.command import numeric_metrics
+
+    report = {"metrics": {"rsum": 300.0, "pair_acc": None, "twin_acc_t2i": float("nan"),
+                          "by_kind": {"relation": {"captions": 583, "map_at_r_t2i": 21.5}},
+                          "by_change": {"position": {"twin_pairs": 12, "twin_acc_t2i": 50.0},
+                                        "relation_swap": {"minimal_pairs": 295, "pair_acc": 48.0}}}}
+    assert numeric_metrics(report) == {"rsum": 300.0, "by_kind.relation.map_at_r_t2i": 21.5,
+                                       "by_change.position.twin_acc_t2i": 50.0,
+                                       "by_change.relation_swap.pair_acc": 48.0}

@@ -112,12 +112,27 @@ def check_out_dir(out: Path, spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------- analysis
 def numeric_metrics(report: dict) -> dict[str, float]:
-    out = {}
-    for k, v in report.get("metrics", {}).items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
-            continue
-        out[k] = float(v)
+    """Every number in the report's metrics; nested breakdowns (the scenes protocol's `by_kind`,
+    `by_change`) are flattened with dotted names, e.g. `by_kind.relation.map_at_r_t2i`. Counts of
+    captions, pairs and twins describe the split, not the model, and are left out."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, node: dict) -> None:
+        for k, v in node.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(name + ".", v)
+            elif prefix and k in SPLIT_COUNTS:
+                continue
+            elif not isinstance(v, bool) and isinstance(v, (int, float)) and not math.isnan(float(v)):
+                out[name] = float(v)
+
+    walk("", report.get("metrics", {}))
     return out
+
+
+# counts inside the scenes breakdowns (what a kind or change type holds), not results
+SPLIT_COUNTS = ("captions", "twin_pairs", "minimal_pairs")
 
 
 def order_metrics(keys, selection: str | None) -> list[str]:
