@@ -68,24 +68,20 @@ class ToyScoreModel(nn.Module):
         return {"img": self.encode_image(img_batch), "txt": self.encode_text(txt_batch)}
 
 
-class ToySet:
-    @staticmethod
-    def build_model(cfg, tokenizer):
-        return ToySetModel(cfg, tokenizer)
+def toy_method(model_cls):
+    """A registrable builder: the toy model, trained with VSE's objective on its own similarity."""
 
-    @staticmethod
-    def build_objective(cfg, model):
-        return VSEObjective(cfg.loss, model.similarity)
+    class Builder:
+        @staticmethod
+        def build_model(cfg, tokenizer):
+            return model_cls(cfg, tokenizer)
 
+        @staticmethod
+        def build_objective(cfg, model):
+            return VSEObjective(cfg.loss, model.similarity)
 
-class ToyScore:
-    @staticmethod
-    def build_model(cfg, tokenizer):
-        return ToyScoreModel(cfg, tokenizer)
-
-    @staticmethod
-    def build_objective(cfg, model):
-        return VSEObjective(cfg.loss, model.similarity)
+    Builder.__qualname__ = f"toy_method({model_cls.__name__})"
+    return Builder
 
 
-TOY_METHODS = {"toy_set": ToySet, "toy_score": ToyScore}
+TOY_METHODS = {"toy_set": toy_method(ToySetModel), "toy_score": toy_method(ToyScoreModel)}

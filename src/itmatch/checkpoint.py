@@ -110,15 +110,11 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     precomputed region features; `tokenizer.encode_batch(texts, max_length)` gives token ids and
     masks for `encode_text`. The model is in eval mode on `device` ("auto" picks CUDA if present).
     """
+    from itmatch.data.datasets import eval_image_transform
     from itmatch.device import resolve_device
 
     model, tokenizer, cfg = from_pretrained(resolve_checkpoint(path), resolve_device(device))
-    transform = None
-    if cfg.model.image.kind == "grid":
-        from itmatch.data.datasets import image_transform
-
-        transform = image_transform(cfg.model.image.image_size, train=False)
-    return model, transform, tokenizer
+    return model, eval_image_transform(cfg.model), tokenizer
 
 
 def load_training_state(folder: str | Path) -> dict:

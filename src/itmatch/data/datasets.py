@@ -178,6 +178,14 @@ def image_transform(image_size: int, train: bool, flip: bool = True) -> ImageTra
     return ImageTransform(image_size, train, flip=flip)
 
 
+def eval_image_transform(model_cfg) -> ImageTransform | None:
+    """What `encode_image` expects of an image file at inference: the evaluation transform for a grid
+    model, None for a model of precomputed region features."""
+    if model_cfg.image.kind != "grid":
+        return None
+    return image_transform(model_cfg.image.image_size, train=False)
+
+
 def _load_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 

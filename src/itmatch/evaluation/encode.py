@@ -15,20 +15,11 @@ from itmatch.evaluation.scores import ScoreSource, score_model
 from itmatch.models.contract import Encoding, cat_encodings, to_storage
 
 
-def image_transform_for(model_cfg):
-    """The evaluation transform of image files for a grid model; None for region features."""
-    if model_cfg.image.kind != "grid":
-        return None
-    from itmatch.data.datasets import image_transform
-
-    return image_transform(model_cfg.image.image_size, train=False)
-
-
 @torch.inference_mode()
 def encode_images(model, split: RetrievalSplit, model_cfg, batch_size: int = 256, device="cpu") -> Encoding:
-    from itmatch.data.datasets import ImageDataset, make_loader
+    from itmatch.data.datasets import ImageDataset, eval_image_transform, make_loader
 
-    ds = ImageDataset(split, image_transform=image_transform_for(model_cfg))
+    ds = ImageDataset(split, image_transform=eval_image_transform(model_cfg))
     loader = make_loader(ds, batch_size, shuffle=False)
     return cat_encodings([to_storage(model.encode_image(b.to(device))) for b in loader])
 
