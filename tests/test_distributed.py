@@ -43,6 +43,8 @@ def configs(root):
         "vse": load_config(PACKAGED_CONFIGS / "vse_scenes.yaml", [f"data.root={root}", *COMMON, *NO_AUGMENT]),
         "hrem": load_config(PACKAGED_CONFIGS / "hrem_scenes.yaml",
                             [f"data.root={root}", *COMMON, *NO_AUGMENT, *HREM]),
+        # DIAS's batch terms (dimension alignment on fragments, inter/intra spatial) on the global batch
+        "vse_dias": load_config(PACKAGED_CONFIGS / "vse_dias_scenes.yaml", [f"data.root={root}", *COMMON, *NO_AUGMENT]),
     }
 
 
@@ -118,6 +120,21 @@ def test_two_ranks_compute_the_single_process_step(tiny_scenes, tmp_path):
         assert single["moved"] > 1e-4, name  # the step changed the weights: not two untouched models
         if name == "hrem":  # the graph terms trained HREM's interaction, which lives in the objective
             assert any(k.startswith("objective.") and g.abs().sum() > 0 for k, g in single["grads"].items())
+
+
+def test_a_global_batch_that_does_not_split_is_one_clear_error(tiny_scenes, tmp_path, capsys):
+    from itmatch.errors import ItmatchError
+    from itmatch.training.distributed import Distributed
+
+    with pytest.raises(ItmatchError, match="multiple of the number of processes"):
+        Distributed(rank=0, world=3).shard_sampler(EpochSampler(100, seed=0, batch_size=16))
+    assert isinstance(Distributed(rank=1, world=4).shard_sampler(EpochSampler(100, 0, 16)), RankSlices)
+    train = ["train", "--config", "vse_scenes", "--out", str(tmp_path / "run"), "--set", f"data.root={tiny_scenes}"]
+    assert main([*train, "--nproc", "0"]) == 2
+    assert main([*train, "--nproc", "3"]) == 2  # 128 pairs do not split in 3
+    err = capsys.readouterr().err
+    assert "--nproc must be >= 1" in err and "does not split over 3 processes" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_rank_slices_cover_every_global_batch_once():

@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
         cfg = load_config(config_path, args.overrides)
     nproc = getattr(args, "nproc", None)
     if nproc is not None and nproc != 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_local(args, run_dir, nproc)  # the config and run folder are checked: start N ranks
+        return _launch_local(args, cfg, run_dir, nproc)  # config and run folder checked: start N ranks
     result = Trainer(cfg, run_dir, resume=args.resume).fit()
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -59,10 +59,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _launch_local(args, run_dir: Path, nproc: int) -> int:
+def _launch_local(args, cfg: Config, run_dir: Path, nproc: int) -> int:
     """`itmatch train --nproc N`: the same command on N processes of this machine, through torchrun."""
     if nproc < 1:
         raise ItmatchError(f"--nproc must be >= 1, got {nproc}")
+    sc = cfg.sampler
+    batch = sc.clusters_per_batch * sc.images_per_cluster if sc.kind == "neighbour" else cfg.train.batch_size
+    if batch % nproc:  # each rank would say so; one line here is clearer than N tracebacks from torchrun
+        raise ItmatchError(f"the global batch of {batch} pairs does not split over {nproc} processes: make it a "
+                           "multiple of the number of processes")
     argv = ["train", "--out", str(run_dir)]
     if args.config:
         argv += ["--config", str(args.config)]
