@@ -30,7 +30,8 @@ COMMON = ["model.embed_dim=32", "model.text.glove=null", "model.text.word_dim=16
 # hrem: the graph terms from the first step; no dropout (see the module docstring).
 HREM = ["hrem.dropout=0.0", "hrem.instance_warmup_steps=0", "hrem.fragment_heads=2", "hrem.heads=2",
         "hrem.fragment_ff=32",
-        "sampler.clusters_per_batch=4", "sampler.images_per_cluster=4"]  # its batches: 4 x 4 = 16
+        # neighbour batches (4 clusters x 4 images = 16) from the first step, clustered on every rank
+        "sampler.clusters_per_batch=4", "sampler.images_per_cluster=4", "sampler.start_epoch=0"]
 
 
 # Augmentation draws are seeded per batch (data.datasets.PairDataset.collate): a rank's slice draws
@@ -57,15 +58,18 @@ def one_step(cfg, run_dir) -> dict:
     trainer._setup()
     trainer.sampler.set_epoch(0)
     trainer.dataset.set_epoch(0)
+    progress = TrainProgress(0, 0, trainer.total_steps)
+    trainer._call_hooks("on_epoch_start", progress)  # neighbour sampling clusters here (rank 0's labels win)
     loader = torch.utils.data.DataLoader(trainer.dataset, batch_sampler=trainer.sampler,
                                          collate_fn=trainer.dataset.collate)
     img, txt = next(iter(loader))
     before = torch.cat([p.detach().reshape(-1).clone() for p in trainer.model.parameters()])
-    terms = trainer._train_step(img, txt, TrainProgress(0, 0, trainer.total_steps))
+    terms = trainer._train_step(img, txt, progress)
     named = [*(("model." + n, p) for n, p in trainer.model.named_parameters()),
              *(("objective." + n, p) for n, p in trainer.objective.named_parameters())]
     return {
         "rows": txt.caption_index.tolist(),
+        "clustered": getattr(trainer.sampler, "labels", None) is not None,
         "loss": terms["loss"],
         "grads": {n: p.grad.clone() for n, p in named if p.grad is not None},
         "params": {n: p.detach().clone() for n, p in named},
@@ -98,6 +102,7 @@ def test_two_ranks_compute_the_single_process_step(tiny_scenes, tmp_path):
         # The ranks took the two halves of the global batch, in order.
         assert ranks[0]["rows"] + ranks[1]["rows"] == single["rows"], name
         assert len(ranks[0]["rows"]) == len(ranks[1]["rows"]) == 8
+        assert single["clustered"] == (name == "hrem") == ranks[1]["clustered"]
         for r in ranks:
             assert r["loss"] == pytest.approx(single["loss"], rel=1e-5), name
             assert r["grads"].keys() == single["grads"].keys(), name
