@@ -85,6 +85,15 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
     for name, cfg in configs(root).items():
         torch.save(one_step(cfg, os.path.join(out, f"run-{name}-{rank}")), os.path.join(out, f"{name}-{rank}.pt"))
+    # A trainable parameter the forward never uses (a BERT's pooler) must not stall DDP's second step.
+    from itmatch.training.distributed import Distributed
+
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 1), "unused": torch.nn.Linear(3, 1)})
+    model.forward = lambda x: model["used"](x)
+    wrapped = Distributed(rank, world).wrap(model, torch.device("cpu"))
+    for _ in range(2):
+        wrapped(torch.ones(2, 3) * (rank + 1)).sum().backward()
+    torch.save(model["used"].weight.grad, os.path.join(out, f"unused-{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -125,6 +134,11 @@ def test_two_ranks_compute_the_single_process_step(tiny_scenes, tmp_path):
         assert single["moved"] > 1e-4, name  # the step changed the weights: not two untouched models
         if name == "hrem":  # the graph terms trained HREM's interaction, which lives in the objective
             assert any(k.startswith("objective.") and g.abs().sum() > 0 for k, g in single["grads"].items())
+
+
+    # the DDP check: the averaged gradient of two rows of 1s (rank 0) and of 2s (rank 1) is 3, accumulated twice
+    for r in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"unused-{r}.pt", weights_only=True), torch.full((1, 3), 6.0))
 
 
 def test_a_global_batch_that_does_not_split_is_one_clear_error(tiny_scenes, tmp_path, capsys):

@@ -117,7 +117,10 @@ class Distributed:
             if hasattr(type(m), "sync_sum"):
                 m.sync_sum = all_reduce_sum
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # find_unused_parameters: a model may hold trainable parameters its forward never uses (a BERT's
+        # pooler: the text encoder reads the last hidden state); DDP would wait for their gradients.
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True)
 
     def broadcast_module(self, module: torch.nn.Module) -> None:
         """Rank 0's parameters and buffers everywhere (the objective is not wrapped in DDP)."""
