@@ -3,9 +3,12 @@
 Each arm starts its processes (torch.multiprocessing, the env torchrun would set), builds the trainer,
 runs `--warmup` steps untimed, then times `--steps` steps; rank 0 reports global samples/s. The arms
 alternate in `--rounds` rounds, so a machine that gets busier or quieter affects both alike; the
-ratio N/1 of the medians is printed. Threads per process: `--threads` (default 1).
+ratio N/1 of the medians is printed. Threads per process: `--threads` (default 1). With
+`--device cuda` each rank takes one GPU (NCCL) and rank 0 also reports its peak GPU memory;
+`--nproc 1` then measures one GPU alone.
 
     PYTHONPATH=src python benchmarks/bench_distributed.py --data /work/data/scenes-small --method vse
+    PYTHONPATH=src python benchmarks/bench_distributed.py --data DIR --method hrem --device cuda --nproc 1
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _run(rank: int, world: int, port: int, args, queue) -> None:
     from itmatch.training.loop import Trainer
 
     cfg = load_config(PACKAGED_CONFIGS / f"{args.method}_scenes.yaml", [
-        f"data.root={args.data}", f"train.batch_size={args.batch}", "train.device=cpu", "data.num_workers=0",
+        f"data.root={args.data}", f"train.batch_size={args.batch}", f"train.device={args.device}", "data.num_workers=0",
         f"sampler.clusters_per_batch={args.batch // 8}", "sampler.images_per_cluster=8",
         *(["hrem.instance_warmup_steps=0"] if args.method == "hrem" else [])])
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,7 +57,8 @@ def _run(rank: int, world: int, port: int, args, queue) -> None:
         trainer.dist.barrier()
         elapsed = time.perf_counter() - t0
     if rank == 0:
-        queue.put(args.steps * args.batch / elapsed)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
+        queue.put((args.steps * args.batch / elapsed, peak))
     trainer.dist.close()
 
 
@@ -64,19 +68,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(world: int, args) -> float:
+def measure(world: int, args) -> tuple[float, float]:
+    """(global samples/s, rank 0's peak GPU memory in GiB or nan) of one arm."""
+    import queue as queues
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_run, args=(r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    rate = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queues.Empty:
+            if any(p.exitcode for p in procs):  # a rank died: its peers may wait forever
+                for p in procs:
+                    p.kill()
+                sys.exit("a rank failed; see its error above")
     for p in procs:
         p.join()
         if p.exitcode:
             sys.exit(f"rank failed with exit code {p.exitcode}")
-    return rate
+    return result
 
 
 def main() -> None:
@@ -89,12 +104,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     rates: dict[int, list[float]] = {1: [], args.nproc: []}
     for r in range(args.rounds):
-        for world in (1, args.nproc) if r % 2 == 0 else (args.nproc, 1):
-            rates[world].append(measure(world, args))
-            print(f"round {r + 1}: {world} process(es): {rates[world][-1]:.0f} samples/s", flush=True)
+        for world in sorted(rates) if r % 2 == 0 else sorted(rates, reverse=True):
+            rate, peak = measure(world, args)
+            rates[world].append(rate)
+            print(f"round {r + 1}: {world} process(es): {rate:.0f} samples/s"
+                  + (f", rank 0 peak GPU memory {peak:.2f} GiB" if args.device == "cuda" else ""), flush=True)
     one, many = statistics.median(rates[1]), statistics.median(rates[args.nproc])
     print(f"{args.method}, global batch {args.batch}, {args.threads} thread(s) per process: "
           f"1 process {one:.0f} samples/s, {args.nproc} processes {many:.0f} samples/s, ratio {many / one:.2f}")
