@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", default=None, help="run folder (default runs/<config name>)")
     tr.add_argument("--resume", default=None, metavar="latest|PATH",
                     help="continue a run from its latest checkpoint, or from a checkpoint folder")
+    tr.add_argument("--nproc", type=int, default=None, metavar="N",
+                    help="train on N processes of this machine (torchrun --standalone; docs/distributed.md)")
     tr.set_defaults(func=_handler("itmatch.training.commands:cmd_train"))
 
     ev = sub.add_parser("eval", help="evaluate a trained run or checkpoint")

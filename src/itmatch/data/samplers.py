@@ -210,3 +210,37 @@ class NeighbourBatchSampler(Sampler[list[int]]):
             yield from self.random
             return
         yield from self._neighbour_batches()[self.skip :]
+
+
+class RankSlices(Sampler[list[int]]):
+    """One rank's share of a batch sampler that yields *global* batches (training on several processes).
+
+    Rank r of `world` takes the r-th contiguous slice of every global batch, so the slices of all ranks
+    concatenated in rank order are the global batch itself: each example is seen once per epoch across
+    ranks (what the wrapped sampler drops, it drops for all), and a neighbour batch keeps its clusters
+    as one batch of the whole run. Global batches must split evenly; the remainder of a short batch
+    (`len % world` examples) is left out. Every other attribute (set_epoch, skip_batches, the neighbour
+    sampler's clustering and state) is the wrapped sampler's: a checkpoint's sampler state and its
+    batch counts are those of the global batches, whatever the number of ranks.
+    """
+
+    def __init__(self, batches, rank: int, world: int):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __getattr__(self, name):  # only for names not found on this object
+        if name == "batches":  # not yet set (copying, unpickling): never recurse
+            raise AttributeError(name)
+        return getattr(self.batches, name)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            share = len(batch) // self.world
+            if share == 0:
+                raise ItmatchError(f"a batch of {len(batch)} cannot be split over {self.world} processes: "
+                                   "make train.batch_size a multiple of the number of processes")
+            yield batch[self.rank * share : (self.rank + 1) * share]

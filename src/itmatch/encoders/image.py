@@ -20,11 +20,19 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 
     `forward(x: (B, L, C), mask: (B, L))`: the statistics are those of the flattened real rows, as
     if the batch held no padding at all; padded rows come out as zeros.
+
+    `sync_sum`: None, or (training on several processes, set by the trainer) a function summing a
+    tensor over the processes with gradient; the statistics are then those of the global batch, so
+    N processes normalise as one process with the whole batch does.
     """
+
+    sync_sum = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         rows = x[mask]
-        if self.training and rows.shape[0] < 2:
+        if self.training and self.sync_sum is not None:
+            y = self._global_batch_norm(rows)
+        elif self.training and rows.shape[0] < 2:
             # Batch statistics of one row are undefined: normalise it with the running ones.
             y = nn.functional.batch_norm(rows, self.running_mean, self.running_var, self.weight, self.bias,
                                          False, 0.0, self.eps)
@@ -33,6 +41,28 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         out = y.new_zeros((*x.shape[:-1], y.shape[-1]))  # y's dtype: autocast may have changed it
         out[mask] = y
         return out
+
+    def _global_batch_norm(self, rows: torch.Tensor) -> torch.Tensor:
+        """Batch norm with the mean and (biased) variance of the real rows of every process, two passes."""
+        x = rows.float()
+        count_sum = self.sync_sum(torch.cat([x.new_full((1,), float(x.shape[0])), x.sum(0)]))
+        n = count_sum[0]
+        if float(n.detach()) < 2:  # as one process: one row has no batch statistics
+            return nn.functional.batch_norm(rows, self.running_mean, self.running_var, self.weight, self.bias,
+                                            False, 0.0, self.eps)
+        mean = count_sum[1:] / n
+        var = self.sync_sum((x - mean).pow(2).sum(0)) / n
+        n = n.detach()
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+                self.num_batches_tracked.add_(1)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(rows.dtype)
 
 
 class RegionEncoder(nn.Module):

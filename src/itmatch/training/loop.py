@@ -23,10 +23,10 @@ import torch
 from itmatch import checkpoint as ckpt
 from itmatch.config import Config
 from itmatch.data.setup import check_split_fits, load_configured_split, resolve_data_root, take_images
-from itmatch.device import resolve_device
 from itmatch.errors import ItmatchError
 from itmatch.files import atomic_write_text
 from itmatch.objectives.base import StepContext, TrainProgress, call_hooks
+from itmatch.training.distributed import Distributed, NullLog, SamplerSync
 from itmatch.training.hooks import NeighbourRefresh
 from itmatch.training.optim import build_optimizer, lr_multiplier, set_learning_rates
 from itmatch.training.rng import capture_rng, restore_rng
@@ -58,7 +58,8 @@ class Trainer:
         self.resume_from = None
         if resume is not None:
             self.resume_from = latest_checkpoint(self.run_dir) if str(resume) == "latest" else Path(resume)
-        self.device = resolve_device(cfg.train.device)
+        # One process, or one rank of a torchrun launch (docs/distributed.md); picks the rank's GPU.
+        self.dist, self.device = Distributed.from_env(cfg.train.device)
         self.echo = echo
 
     # ------------------------------------------------------------------------------- setup
@@ -89,8 +90,10 @@ class Trainer:
             token_noise=cfg.model.text.token_noise, region_drop=cfg.model.image.region_drop,
             image_transform=transform, seed=cfg.train.seed, negatives=cfg.loss.negatives,
         )
-        self.sampler = self._build_sampler()
+        self.sampler = self.dist.shard_sampler(self._build_sampler())
         self.hooks = [NeighbourRefresh(self.sampler)] if hasattr(self.sampler, "needs_embeddings") else []
+        if self.hooks and self.dist.enabled:
+            self.hooks.append(SamplerSync(self.sampler, self.dist))
         self.total_steps = 0
         for epoch in range(cfg.train.epochs):  # batches per epoch may change (neighbour sampling)
             self.sampler.set_epoch(epoch)
@@ -98,6 +101,8 @@ class Trainer:
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.optimizer = build_optimizer(self.model, self.objective, cfg.optim)
+        self.dist.broadcast_module(self.objective)
+        self.train_model = self.dist.wrap(self.model, self.device)  # DDP on several ranks
 
         self.amp_dtype = None
         if cfg.train.amp and self.device.type == "cuda":
@@ -171,7 +176,9 @@ class Trainer:
             "rng": capture_rng(),
         }
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.is_main:  # the checkpoint is rank-independent: rank 0 writes it
+            return None
         folder = self.run_dir / "checkpoints" / f"step-{self.step:08d}"
         ckpt.save_pretrained(self.model, self.tokenizer, self.cfg, folder, self._training_state())
         atomic_write_text(folder.parent / LATEST, folder.name + "\n")
@@ -205,13 +212,17 @@ class Trainer:
         autocast = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            out = self.model(img_batch, txt_batch)
+            with self.dist.model_rng(self.cfg.train.seed, self.step, self.device):  # per rank (dropout)
+                out = self.train_model(img_batch, txt_batch)
+            # Several ranks: the objective sees the global batch (docs/distributed.md).
+            out, img_batch, txt_batch = self.dist.gather_step(out, img_batch, txt_batch, self._non_negatives)
             terms = self.objective(out, img_batch, txt_batch, progress)
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise ItmatchError(f"the loss became {loss.item()} at step {self.step}: lower optim.lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self.dist.average_gradients(self.objective.parameters())  # DDP averages the model's
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(
@@ -223,12 +234,16 @@ class Trainer:
     def fit(self) -> dict:
         self._setup()
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
-        log = RunLog(self.run_dir, echo=self.echo)
+        if self.dist.is_main:  # only rank 0 writes the run folder
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        log = RunLog(self.run_dir, echo=self.echo) if self.dist.is_main else NullLog()
         n_params = sum(p.numel() for p in self.model.parameters())
         log.line(f"method {cfg.model.method} | {n_params / 1e6:.2f}M parameters | device {self.device} | "
                  f"{len(self.dataset)} pairs, {self.total_steps} steps in {cfg.train.epochs} epochs")
+        if self.dist.enabled:
+            log.line(f"{self.dist.world} processes, {cfg.train.batch_size // self.dist.world} pairs each of a "
+                     f"global batch of {cfg.train.batch_size}")
         if self.resume_from is not None:
             log.line(f"resumed from {self.resume_from} at step {self.step} (epoch {self.epoch + 1}, "
                      f"batch {self.batch_in_epoch})")
@@ -265,7 +280,7 @@ class Trainer:
                     self.batch_in_epoch += 1
                     progress.step, progress.batch_in_epoch = self.step, self.batch_in_epoch
                     self._call_hooks("after_step", progress)
-                    n_window += len(txt_batch)
+                    n_window += len(txt_batch) * self.dist.world  # samples/s of the whole run
                     if self.step % cfg.train.log_every_steps == 0 or self.step == self.total_steps:
                         rate = n_window / max(1e-9, time.perf_counter() - t_window)
                         lr = self.optimizer.param_groups[0]["lr"]
@@ -295,12 +310,27 @@ class Trainer:
                 bar.close()
         from itmatch.training.plots import plot_runs
 
-        plot_runs([self.run_dir], self.run_dir / "curves.png", labels=[cfg.model.method])
+        if self.dist.is_main:
+            plot_runs([self.run_dir], self.run_dir / "curves.png", labels=[cfg.model.method])
         log.line(f"done: best dev rSum {self.best_rsum:.2f}; best checkpoint {self.run_dir / 'best'}")
         log.close()
+        self.best_rsum = self.dist.broadcast_object(self.best_rsum)
+        self.dist.close()
         return {"best_rsum": self.best_rsum, "run_dir": str(self.run_dir), "steps": self.step}
 
     def _validate_and_keep_best(self, log: RunLog) -> None:
+        if not self.dist.is_main:  # rank 0 evaluates; the others wait for it
+            self.dist.barrier()
+            return
+        self._validate_on_this_rank(log)
+        self.dist.barrier()
+
+    def _non_negatives(self, caption_rows: list[int], image_rows: list[int]):
+        from itmatch.data.datasets import relevance_block
+
+        return relevance_block(self.dataset.non_negative_matrices, caption_rows, image_rows)
+
+    def _validate_on_this_rank(self, log: RunLog) -> None:
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # validation never changes training's random numbers
             metrics = self.validate()
