@@ -58,7 +58,7 @@ class HREMObjective(nn.Module):
         v, u = out["img"], out["txt"]
         base = self.ranking(self.similarity(v, u), positives, progress, negatives)
         if progress.step < self.cfg.instance_warmup_steps:
-            return {"loss": base, "base": base.detach()}
+            return {"loss": base, "base": base}
         v_bar, u_bar, graph = self.enhance(out)
         terms = {
             "base": base,
@@ -68,9 +68,8 @@ class HREMObjective(nn.Module):
             "reg": self.cfg.reg_weight * self._regularizer(v, u, graph),
         }
         total = sum(terms.values())
-        logged = {k: t.detach() for k, t in terms.items()}
-        logged["graph_density"] = graph.connection.float().mean().detach()
-        return {"loss": total, **logged}
+        # the terms keep their gradients (training.grad_norms); the trainer logs floats
+        return {"loss": total, **terms, "graph_density": graph.connection.float().mean().detach()}
 
 
 def float32_region(like: torch.Tensor):
