@@ -218,8 +218,8 @@ class Trainer:
             out, img_batch, txt_batch = self.dist.gather_step(out, img_batch, txt_batch, self._non_negatives)
             terms = self.objective(out, img_batch, txt_batch, progress)
         loss = terms["loss"]
-        every = self.cfg.train.grad_norm_every_steps
-        if every and (self.step + 1) % every == 0:  # logged with this step's terms (training.grad_norms)
+        every, log_every = self.cfg.train.grad_norm_every_steps, self.cfg.train.log_every_steps
+        if every and (self.step + 1) % (max(1, every // log_every) * log_every) == 0:  # on a logged step
             from itmatch.training.grad_norms import log_grad_norms
 
             terms = {**terms, **log_grad_norms(terms, [p for g in self.optimizer.param_groups for p in g["params"]])}
