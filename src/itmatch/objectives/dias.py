@@ -45,7 +45,7 @@ class DiasConfig:
     # w_dim: calibrated, not the paper's 10 (which goes with dim_reduction "sum" at d = 1024): with the
     # mean over d, w_dim * ||grad L_dim|| is ~11% of the triplet's gradient at initialisation and ~80%
     # on a trained vse model, on fixed scenes batches (benchmarks/dias_grad_shares.py; documented band
-    # at initialisation 5-25%, docs/methods/dias.md "Calibration").
+    # at initialisation 2-30%, docs/methods/dias.md "Calibration").
     w_dim: float = 100.0
     w_inter: float = 0.05
     w_intra: float = 0.1
