@@ -5,7 +5,9 @@ images) away from the other images they describe (docs/methods/dias.md, "Caption
 run it scores the whole test split (images x captions) and prints, per caption kind (main captions
 only): the mean similarity of a caption to its own image, to the *other* images it is relevant to,
 and to images it is not relevant to; the gap (relevant other - not relevant); and the mean mAP@R of
-the kind's caption queries (t2i, from the run's own eval-test.npz).
+the kind's caption queries (t2i, from the run's own eval-test.npz). "position" is the gap on the
+scale from not relevant (0) to the caption's own image (1), comparable across runs whose
+similarities have different scales.
 
     python benchmarks/caption_kind_similarity.py --data /work/data/scenes-small --runs RUN [RUN ...]
 """
@@ -44,7 +46,8 @@ def main() -> None:
     own = np.zeros_like(rel)
     own[np.arange(split.n_captions), split.caption_to_image] = True
     other = rel & ~own
-    print(f"{'run':<24}{'kind':<11}{'n':>5}{'own':>8}{'rel.other':>10}{'not rel':>9}{'gap':>8}{'mAP@R t2i':>11}")
+    print(f"{'run':<24}{'kind':<11}{'n':>5}{'own':>8}{'rel.other':>10}{'not rel':>9}{'gap':>8}{'position':>9}"
+          f"{'mAP@R t2i':>11}")
     for run in args.runs:
         model, _, tokenizer = itmatch.load(run)
         model.eval()
@@ -68,7 +71,8 @@ def main() -> None:
             m = f"{100 * per_query[queries].mean():>11.1f}" if per_query is not None and len(per_query) == len(mains) \
                 else f"{'-':>11}"
             print(f"{run.parent.parent.name + '/' + run.name:<24}{kind:<11}{len(caps):>5}{mean_own:>8.3f}"
-                  f"{mean_other:>10.3f}{mean_not:>9.3f}{mean_other - mean_not:>8.3f}{m}", flush=True)
+                  f"{mean_other:>10.3f}{mean_not:>9.3f}{mean_other - mean_not:>8.3f}"
+                  f"{(mean_other - mean_not) / (mean_own - mean_not):>9.2f}{m}", flush=True)
 
 
 if __name__ == "__main__":
