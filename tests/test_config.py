@@ -148,7 +148,7 @@ def test_sections_exist_only_for_what_the_config_uses():
     with pytest.raises(AttributeError, match="no section 'hrem'"):
         vse.hrem  # noqa: B018
     hrem = load_config("hrem_dias_scenes")
-    assert list(hrem.to_dict())[-2:] == ["hrem", "dias"] and hrem.hrem.heads == 4 and hrem.dias.w_dim == 10.0
+    assert list(hrem.to_dict())[-2:] == ["hrem", "dias"] and hrem.hrem.heads == 4 and hrem.dias.w_dim == 100.0
     assert load_config(None, ["model.method=hrem"]).hrem.heads == 16  # defaults where the file has none
 
 

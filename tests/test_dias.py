@@ -286,7 +286,9 @@ def test_larger_beta_keeps_fewer_relations(sparsity):
 
 
 @pytest.mark.parametrize("key, value", [("sparsity", "dense"), ("distance", "manhattan"), ("w_inter", -1.0),
-                                        ("mask_temperature", 0.0), ("dim_samples", "words"), ("topk", 0)])
+                                        ("mask_temperature", 0.0), ("dim_samples", "words"), ("topk", 0),
+                                        ("dim_reduction", "max"), ("terms", "[dim, spatial]"), ("terms", "[]"),
+                                        ("terms", "[dim, dim]"), ("spatial_warmup_steps", -1)])
 def test_bad_options_are_one_clear_error_when_the_config_loads(key, value):
     with pytest.raises(ItmatchError, match=f"dias.{key}"):
         load_config(None, ["loss.regularizers=[dias]", f"dias.{key}={value}"])
@@ -327,9 +329,11 @@ def test_with_regularizers_adds_terms_to_the_base_loss():
     reg = DIASRegularizer(cfg.dias).double()(out, positives)
     assert set(terms) == {"loss", "hinge", "dias", "dias_dim", "dias_inter", "dias_intra", "dias_inter_kept",
                           "dias_intra_kept"}
-    expected = base + 10.0 * reg["dim"] + 0.05 * reg["inter"] + 0.1 * reg["intra"]
+    expected = base + 100.0 * reg["dim"] + 0.05 * reg["inter"] + 0.1 * reg["intra"]
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-9)
-    assert terms["loss"].requires_grad and not terms["dias_inter"].requires_grad
+    # every summand keeps its gradient (training.grad_norms reads it); the logged mask share does not
+    assert terms["loss"].requires_grad and terms["dias_inter"].requires_grad
+    assert not terms["dias_inter_kept"].requires_grad
     terms["loss"].backward()
     assert out["img_frag"].grad.abs().sum() > 0
 
@@ -374,7 +378,8 @@ def test_vse_with_dias_trains_end_to_end_and_keeps_the_model_clean(tiny_scenes, 
 
     base = [f"data.root={tiny_scenes}", "model.embed_dim=64", "model.text.glove=null", "model.text.word_dim=32",
             "train.batch_size=32", "train.eval_batch_size=64", "train.log_every_steps=1",
-            "data.max_dev_images=40", "train.epochs=1", "train.max_steps=10", "optim.lr=0.002"]
+            "data.max_dev_images=40", "train.epochs=1", "train.max_steps=10", "optim.lr=0.002",
+            "train.grad_norm_every_steps=5", "dias.spatial_warmup_steps=0"]
     cfg = load_config(PACKAGED_CONFIGS / "vse_dias_scenes.yaml", base)
     assert cfg.loss.regularizers == ["dias"] and cfg.model.method == "vse"
     trainer = Trainer(cfg, tmp_path / "run", echo=False)
@@ -386,6 +391,12 @@ def test_vse_with_dias_trains_end_to_end_and_keeps_the_model_clean(tiny_scenes, 
         assert all(np.isfinite(r[key]) for r in train), key
     for r in train:  # the logged loss is the base loss plus the regularizer's weighted total
         assert r["loss"] == pytest.approx(r["triplet"] + r["dias"], rel=1e-4, abs=1e-4)
+    # per-term gradient norms (training.grad_norms) every 5 steps, with the share of each term vs the first
+    for r in train:
+        assert ("gradnorm_dias_dim" in r) is (r["step"] % 5 == 0), r["step"]
+        if r["step"] % 5 == 0:
+            assert min(r["gradnorm_triplet"], r["gradnorm_dias"], r["gradnorm_dias_intra"]) > 0
+            assert r["gradshare_dias"] == pytest.approx(r["gradnorm_dias"] / r["gradnorm_triplet"])
     # dimension alignment improves: the diagonal's share of C grows while training
     assert np.mean([r["dias_dim"] for r in train[-3:]]) < np.mean([r["dias_dim"] for r in train[:3]])
     dias = trainer.objective.regularizers["dias"]
@@ -401,3 +412,82 @@ def test_config_chooses_the_dimension_samples(samples, center):
     got = DIASRegularizer(cfg).double()(out, positives)["dim"].item()
     assert got == pytest.approx(ref_dim(ref_corr(out, positives, samples, center)), rel=1e-9)
     assert got != pytest.approx(ref_dim(ref_corr(out, positives)), rel=1e-6)  # differs from the default
+
+
+# ---- scale, subsets, ramp, calibration ----------------------------------------------------------
+
+def test_dim_reduction_sum_is_d_times_the_mean():
+    out, positives = make_out()
+    corr = dimension_correlation(out["img_frag"], out["img_mask"], out["txt_frag"], out["txt_mask"], positives)
+    mean, total = dimension_alignment_loss(corr, "mean"), dimension_alignment_loss(corr, "sum")
+    assert float(total) == pytest.approx(D * float(mean), rel=1e-12)
+    assert float(mean) == pytest.approx(ref_dim(corr.tolist()), rel=1e-9)
+
+
+@pytest.mark.parametrize("terms", [["dim"], ["inter"], ["intra"], ["dim", "intra"], ["inter", "intra"]])
+def test_terms_trains_exactly_the_listed_subset(terms):
+    out, positives = make_out()
+    cfg = DiasConfig(terms=terms, sparsity="hard")
+    got = DIASRegularizer(cfg).double()(out, positives)
+    assert {t for t in ("dim", "inter", "intra") if t in got} == set(terms)
+    full = DIASRegularizer(DiasConfig(sparsity="hard")).double()(out, positives)  # every term, for the values
+    weights = {"dim": cfg.w_dim, "inter": cfg.w_inter, "intra": cfg.w_intra}
+    expected = sum(weights[t] * float(full[t]) for t in terms)
+    assert float(got["loss"]) == pytest.approx(expected, rel=1e-9)
+    if "dim" not in terms:  # no fragment term, no fragments needed
+        plain = DIASRegularizer(cfg).double()({"img": out["img"], "txt": out["txt"]}, positives)
+        assert float(plain["loss"]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_spatial_terms_ramp_in_linearly_and_dim_does_not():
+    out, positives = make_out()
+    reg = DIASRegularizer(DiasConfig(sparsity="hard", spatial_warmup_steps=10)).double()
+    cfg = DiasConfig()
+    full = reg(out, positives)  # no progress: no ramp
+    for step, factor in ((0, 0.0), (3, 0.3), (10, 1.0), (25, 1.0)):
+        got = reg(out, positives, progress=TrainProgress(step=step))
+        expected = cfg.w_dim * float(full["dim"]) + factor * (cfg.w_inter * float(full["inter"])
+                                                              + cfg.w_intra * float(full["intra"]))
+        assert float(got["loss"]) == pytest.approx(expected, rel=1e-9), step
+        assert float(got["intra"]) == pytest.approx(float(full["intra"]), rel=1e-12)  # logged unweighted
+    # the ramp reaches the regularizer through the wrapper's progress
+    from itmatch.methods.registry import build_objective
+
+    wrapped = build_objective(load_config(None, ["loss.regularizers=[dias]", "dias.sparsity=hard",
+                                                 "dias.spatial_warmup_steps=10", "dias.terms=[intra]"]), DOT_MODEL)
+    img_b, txt_b = _batches(out)
+    early = wrapped.double()(out, img_b, txt_b, TrainProgress(step=0))
+    late = wrapped(out, img_b, txt_b, TrainProgress(step=10))
+    assert float(early["dias"]) == 0.0 and float(late["dias"]) == pytest.approx(0.1 * float(full["intra"]))
+
+
+def test_calibrated_dim_weight_gives_a_gradient_share_inside_the_documented_band(tiny_scenes):
+    """docs/methods/dias.md "Calibration": w_dim * ||grad L_dim|| / ||grad triplet|| at initialisation lies in
+    [2%, 30%] with the scenes default (mean, w_dim 100); the old default (mean, w_dim 10) is below the
+    band (inert) and the paper's (sum, w_dim 10) above it (drowns the ranking loss)."""
+    from itmatch.data.batch import pair_masks
+    from itmatch.data.datasets import PairDataset
+    from itmatch.data.setup import load_configured_split, resolve_data_root
+    from itmatch.data.text import build_tokenizer
+    from itmatch.methods.registry import build_model
+    from itmatch.objectives.vse import VSEObjective
+    from itmatch.training.grad_norms import term_grad_norms
+
+    cfg = load_config(PACKAGED_CONFIGS / "vse_dias_scenes.yaml", [f"data.root={tiny_scenes}"])
+    assert (cfg.dias.w_dim, cfg.dias.dim_reduction) == (DiasConfig().w_dim, DiasConfig().dim_reduction)
+    split = load_configured_split(cfg.data, "train", resolve_data_root(cfg.data))
+    tokenizer = build_tokenizer(cfg.model.text, split.captions)
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer).train()
+    ds = PairDataset(split, tokenizer, max_length=cfg.model.text.max_length, train=True, seed=0)
+    img, txt = ds.collate([ds[i] for i in range(0, len(ds), max(1, len(ds) // 128))][:128])  # fixed batch
+    out = model(img, txt)
+    positives, _ = pair_masks(img, txt)
+    corr = dimension_correlation(out["img_frag"], out["img_mask"], out["txt_frag"], out["txt_mask"], positives)
+    terms = {"triplet": VSEObjective(cfg, model.similarity)(out, img, txt, TrainProgress(epoch=1))["loss"],
+             "dim_mean": dimension_alignment_loss(corr, "mean"), "dim_sum": dimension_alignment_loss(corr, "sum")}
+    norms = term_grad_norms(terms, list(model.parameters()))
+    share = cfg.dias.w_dim * norms["dim_mean"] / norms["triplet"]
+    assert 0.02 <= share <= 0.30
+    assert 10.0 * norms["dim_mean"] / norms["triplet"] < 0.02  # the old default: inert
+    assert 10.0 * norms["dim_sum"] / norms["triplet"] > 0.30  # the paper's scale at this d: dominates

@@ -96,7 +96,7 @@ def test_instance_terms_switch_on_and_send_gradients_to_both_encoders(mechanism)
     terms = ("base", "enh_enh", "enh_base", "base_enh", "reg")
     assert set(terms) <= set(late)
     # Eq. 14 + reg_weight * L_reg: the loss is the sum of the named terms ("reg" is already weighted).
-    assert float(late["loss"].detach()) == pytest.approx(sum(float(late[t]) for t in terms), rel=1e-5)
+    assert float(late["loss"].detach()) == pytest.approx(sum(float(late[t].detach()) for t in terms), rel=1e-5)
     assert float(late["reg"]) > 0
     # The triplet's negative sampling is random: replay it to get the same terms with a graph attached.
     torch.manual_seed(1)
@@ -197,3 +197,27 @@ def test_dias_regularizer_composes_with_hrem():
     model.zero_grad()
     reg["loss"].backward()  # the DIAS terms alone reach HREM's fragment-level attention
     assert model.image_pool.attention.encoder.layers[0].self_attn.in_proj_weight.grad.abs().sum() > 0
+
+
+def test_graph_is_built_in_float32_from_bf16_inputs_under_autocast():
+    """bf16 similarities tie at the tau*N-th value; the graph must be float32 whatever autocast does."""
+    from itmatch.objectives.relations.graph import AssociationGraphBuilder
+    from itmatch.similarity.fragment import fragment_matching
+
+    model, objective, img_b, txt_b = hrem_setup()
+    with torch.no_grad():
+        out = model(img_b, txt_b)
+    half = {k: (v.bfloat16() if torch.is_floating_point(v) else v) for k, v in out.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # what the graph would be without the float32 block: bf16 matching values
+        assert fragment_matching(half["img_frag"], half["img_mask"], half["txt_frag"], half["txt_mask"],
+                                 3).p_i2t.dtype == torch.bfloat16
+        _, _, graph = objective.enhance(half)
+    assert graph.relevance.dtype == torch.float32 and graph.s_i2t.dtype == torch.float32
+    # reference: the same bf16 values, upcast, with no autocast anywhere
+    full = {k: (v.float() if torch.is_floating_point(v) else v) for k, v in half.items()}
+    m = fragment_matching(full["img_frag"], full["img_mask"], full["txt_frag"], full["txt_mask"], 3)
+    builder: AssociationGraphBuilder = objective.graph
+    ref = builder(full["img"], full["txt"], m)
+    assert torch.equal(graph.connection, ref.connection)
+    torch.testing.assert_close(graph.relevance, ref.relevance, rtol=0, atol=0)

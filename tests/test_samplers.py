@@ -73,7 +73,7 @@ def test_random_epochs_before_start_epoch_and_before_clustering():
     assert sampler.needs_embeddings(1) and list(sampler) != []  # still random until clusters exist
 
 
-def test_batches_come_from_few_clusters_one_caption_per_image():
+def test_batches_hold_p_distinct_clusters_of_k_images_one_caption_per_image():
     sampler, truth = fitted()
     batches = list(sampler)
     assert len(batches) == len(sampler) > 0
@@ -82,13 +82,30 @@ def test_batches_come_from_few_clusters_one_caption_per_image():
         images = C2I[batch]
         assert len(batch) == 8 and len(set(images.tolist())) == 8  # P*K pairs, no image twice
         clusters = [int(truth[i]) for i in images]
-        assert len(set(clusters)) <= 2  # P = 2 clusters ...
-        for c in set(clusters):
-            assert clusters.count(c) % 4 == 0  # ... of K = 4 images each
+        assert len(set(clusters)) == 2  # P = 2 distinct clusters (Sec. 3.4) ...
+        assert all(clusters.count(c) == 4 for c in set(clusters))  # ... of K = 4 images each
         used += batch
     assert len(used) == len(set(used))  # each caption at most once per epoch
-    # Each round covers every image once; 20 images per cluster split into K=4 exactly: all 600 captions.
-    assert len(used) == len(C2I)
+    # 6 clusters of 5 chunks each round; a round ends when fewer than P = 2 clusters have chunks
+    # left, so at most 5 - 1 chunks of one cluster per round are dropped: >= 26 of 30 chunks used.
+    assert len(used) >= len(C2I) * 26 // 30
+
+
+def test_batches_never_repeat_a_cluster_with_many_small_clusters():
+    # 120 images in 30 clusters of 4 (= K): every chunk is a whole cluster; P = 5 distinct per batch
+    x, truth = clustered_embeddings(n_clusters=30, per=4, dim=64)
+    sampler = NeighbourBatchSampler(C2I, seed=1, clusters_per_batch=5, images_per_cluster=4, n_clusters=30)
+    sampler.set_epoch(0)
+    sampler.fit_clusters(x.numpy(), 0)
+    sampler.set_epoch(0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > 0
+    for batch in batches:
+        labels = sampler.labels[C2I[batch]].tolist()
+        assert len(set(labels)) == 5 and all(labels.count(c) == 4 for c in set(labels))
+    with pytest.raises(ItmatchError, match="fewer than sampler.clusters_per_batch"):
+        NeighbourBatchSampler(C2I, 0, clusters_per_batch=31, images_per_cluster=4, n_clusters=30).fit_clusters(
+            x.numpy(), 0)
 
 
 def test_neighbour_sampler_is_deterministic_and_resumes_from_its_state():

@@ -221,6 +221,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     keep_last: int = 2  # step checkpoints to keep besides best
     checkpoint_every_steps: int | None = None  # also checkpoint mid-epoch (checkpoints always end an epoch)
+    # log each loss term's gradient norm (one extra backward per term) every this many steps, rounded
+    # down to a multiple of log_every_steps (they are logged with that step's terms); 0 = never
+    grad_norm_every_steps: int = 200
 
     def check(self, cfg: Config) -> None:
         check_values(self, "train", [
@@ -233,6 +236,7 @@ class TrainConfig:
             ("keep_last", self.keep_last >= 0, ">= 0"),
             ("checkpoint_every_steps", self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
              "null or >= 1"),
+            ("grad_norm_every_steps", self.grad_norm_every_steps >= 0, ">= 0"),
         ])
 
 

@@ -99,9 +99,11 @@ def check_run_compatible(run: Run) -> None:
     except yaml.YAMLError:
         old = None
     new = run.cfg.to_dict()
-    if isinstance(old, dict):  # where a run trains does not change what it is
-        old = {**old, "train": {k: v for k, v in (old.get("train") or {}).items() if k != "device"}}
-    new["train"].pop("device", None)
+    # where a run trains, and what it logs, do not change what it is
+    ignored = ("device", "grad_norm_every_steps")
+    if isinstance(old, dict):
+        old = {**old, "train": {k: v for k, v in (old.get("train") or {}).items() if k not in ignored}}
+    new["train"] = {k: v for k, v in new["train"].items() if k not in ignored}
     if old != new:
         key = _differing_key(old, new) if isinstance(old, dict) else "config.yaml"
         raise ItmatchError(f"{run.run_dir} was trained with a different config (first difference: {key}): "

@@ -1,15 +1,19 @@
 """Neighbour batch sampling (HREM Sec. 3.4, usable by any method): batches of similar images.
 
-Image embeddings are clustered with k-means; a batch takes K images from each of P clusters and one
+Image embeddings are clustered with k-means; a batch takes K images from each of P *distinct*
+clusters (Sec. 3.4: "randomly choose P clusters and select K images from each cluster") and one
 caption of each image, so a batch holds close neighbours whose relations instance-level objectives
-can learn from. Before `start_epoch` (and before any clustering) batches are random, as in the
-paper, which switches neighbour sampling on "at the later training".
+can learn from, spread over P neighbourhoods. Before `start_epoch` (and before any clustering)
+batches are random, as in the paper, which switches neighbour sampling on "at the later training".
 
 An epoch stays an epoch: it is made of `captions_per_image` rounds, each giving every image its next
 caption (in a per-epoch random order), so every caption is seen once per epoch as with random batches
 and epoch-based schedules keep their meaning. Within a round each image appears at most once, so no
-image is ever twice in a batch. Each round drops the last `size % K` images of every cluster (a
-different, random few each round) and the last incomplete batch.
+image is ever twice in a batch. Each round cuts every cluster's shuffled members into chunks of K
+(dropping the last `size % K`, a different random few each round), then draws batches of P chunks
+from P distinct clusters, each cluster with probability proportional to the chunks it has left, until
+fewer than P clusters have chunks left; those last chunks are dropped (on scenes-small with the
+default 2P clusters, measured in docs/methods/hrem.md).
 
 Clusters smaller than K are merged into their nearest cluster (by centroid), so every image belongs to
 a cluster that can fill its K slots. Cluster labels are the sampler's state: a resumed run reloads
@@ -111,8 +115,11 @@ class NeighbourBatchSampler(Sampler[list[int]]):
         self.seed, self.P, self.K = seed, clusters_per_batch, images_per_cluster
         self.batch_size = self.P * self.K
         # Default: about one batch worth of images per cluster, so a cluster is a real neighbourhood
-        # and the `size % K` images a round drops stay a small fraction.
-        self.n_clusters = n_clusters or max(1, self.n_images // self.batch_size)
+        # and the `size % K` images a round drops stay a small fraction; but at least 2P clusters, so
+        # that a batch can take P distinct ones until late in each round (with exactly P, every batch
+        # needs every cluster and the round ends when the smallest runs out).
+        self.n_clusters = n_clusters or max(2 * self.P, self.n_images // self.batch_size)
+        self._cache: tuple[int, list[list[int]]] | None = None  # (epoch, batches): __len__ = len(batches)
         self.start_epoch, self.refresh_epochs = start_epoch, refresh_epochs
         self.random = EpochSampler(len(c2i), seed, self.batch_size)
         self.labels: torch.Tensor | None = None  # (n_images,) cluster of each image, -1 for no caption
@@ -140,8 +147,13 @@ class NeighbourBatchSampler(Sampler[list[int]]):
         sub = emb[has_caption]
         fitted = kmeans(sub, self.n_clusters, mix_seed(self.seed, epoch, 7))
         labels[has_caption.cpu()] = merge_small_clusters(sub, fitted, self.K).cpu()
+        found = int(labels.max()) + 1
+        if found < self.P:
+            raise ItmatchError(f"neighbour sampling found {found} clusters of at least {self.K} images, fewer than "
+                               f"sampler.clusters_per_batch = {self.P}: lower it (or sampler.images_per_cluster)")
         self.labels = labels
         self.fitted_epoch = epoch
+        self._cache = None
 
     def state_dict(self) -> dict:
         labels = self.labels if self.labels is not None else torch.empty(0, dtype=torch.long)
@@ -154,6 +166,7 @@ class NeighbourBatchSampler(Sampler[list[int]]):
                                f"split {self.n_images}: resume with the same data")
         self.labels = labels if len(labels) else None
         self.fitted_epoch = int(state["fitted_epoch"])
+        self._cache = None
 
     # -- batches -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -168,34 +181,40 @@ class NeighbourBatchSampler(Sampler[list[int]]):
             raise ValueError(f"cannot skip {k} of {len(self)} batches")
         self.skip = k
 
-    def _batches_per_round(self) -> int:
-        sizes = np.bincount(self.labels[self.labels >= 0].numpy())
-        return int((sizes // self.K).sum()) // self.P
-
     def __len__(self) -> int:
         if not self.active(self.epoch):
             return len(self.random)
-        return self.rounds * self._batches_per_round()
+        return len(self._neighbour_batches())
 
     def _round(self, g: torch.Generator, caption_slot: np.ndarray, labels: np.ndarray) -> list[list[int]]:
-        """One round: shuffled members of each cluster cut into chunks of K, chunks shuffled, P per batch."""
+        """One round: shuffled members of each cluster cut into chunks of K, then batches of P chunks of
+        P distinct clusters, drawn in proportion to the chunks each cluster has left."""
         images = np.flatnonzero(labels >= 0)
         noise = torch.rand(len(images), generator=g, dtype=torch.float64).numpy()
         images = images[np.lexsort((noise, labels[images]))]  # by cluster, random within a cluster
         lab = labels[images]
         first = np.r_[0, np.flatnonzero(np.diff(lab)) + 1]  # start of each cluster's run
         sizes = np.diff(np.r_[first, len(images)])
-        pos = np.arange(len(images)) - np.repeat(first, sizes)
-        keep = pos < np.repeat(sizes // self.K * self.K, sizes)
-        chunks = images[keep].reshape(-1, self.K)  # every chunk lies within one cluster
-        n_batches = len(chunks) // self.P
-        order = torch.randperm(len(chunks), generator=g).numpy()[: n_batches * self.P]
-        batch_images = chunks[order].reshape(n_batches, self.P * self.K)
+        left = sizes // self.K  # chunks each cluster still has; chunk j of cluster c = images[first[c] + jK ...]
+        used = np.zeros_like(left)
+        picked = []
+        while int((left > 0).sum()) >= self.P:
+            weights = torch.as_tensor(left, dtype=torch.float64)
+            clusters = torch.multinomial(weights, self.P, replacement=False, generator=g).numpy()
+            starts = first[clusters] + used[clusters] * self.K
+            picked.append(images[starts[:, None] + np.arange(self.K)[None, :]].reshape(-1))
+            used[clusters] += 1
+            left[clusters] -= 1
+        if not picked:
+            return []
+        batch_images = np.stack(picked)
         slot = caption_slot[batch_images] % self.caption_counts[batch_images]
         captions = self.captions_by_image[self.caption_start[batch_images] + slot]
         return captions.tolist()
 
     def _neighbour_batches(self) -> list[list[int]]:
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, 11))
         labels = self.labels.numpy()
         # Each image's captions in a random order for this epoch; round r uses the r-th.
@@ -203,6 +222,7 @@ class NeighbourBatchSampler(Sampler[list[int]]):
         batches = []
         for r in range(self.rounds):
             batches += self._round(g, offset + r, labels)
+        self._cache = (self.epoch, batches)
         return batches
 
     def __iter__(self):

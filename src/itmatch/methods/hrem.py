@@ -34,7 +34,7 @@ class HremConfig:
     layers: int = 1  # L interaction layers
     heads: int = 16
     tau: float = 0.5  # each row of the connection matrix keeps its first tau * N neighbours
-    relevance_weight: float = 1.0  # lambda of Eq. 12 (paper: 1.5 on COCO, 1.0 on Flickr30K)
+    relevance_weight: float = 1.0  # lambda of Eq. 12 (paper: 1.5; public README commands: 1.0 F30K, 1.5 COCO)
     sigma: float = 1.0  # intra-modal relevance exp(-||a-b||^2 / sigma), Eq. 10
     topk: int = 10  # K of Eq. 8
     reg_weight: float = 10.0  # weight of L_reg (Eq. 11)

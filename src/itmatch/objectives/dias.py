@@ -16,7 +16,7 @@ float32, even under autocast: C and the row statistics are sums over thousands o
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -29,6 +29,8 @@ from itmatch.errors import ItmatchError
 Distance = Literal["cosine", "euclidean"]
 Sparsity = Literal["soft", "hard", "none", "topk", "l1"]
 DimSamples = Literal["pairs", "pooled"]
+DimReduction = Literal["sum", "mean"]
+TERMS = ("dim", "inter", "intra")
 DISTANCES = typing.get_args(Distance)
 SPARSITIES = typing.get_args(Sparsity)
 DIM_SAMPLES = typing.get_args(DimSamples)
@@ -40,9 +42,18 @@ class DiasConfig:
     """The `dias:` config section (registered by `itmatch.methods.dias` for the dias method and the
     dias regularizer): the weights of Eq. 17 and the readings of the paper this module offers."""
 
-    w_dim: float = 10.0
+    # w_dim: calibrated, not the paper's 10 (which goes with dim_reduction "sum" at d = 1024): with the
+    # mean over d, w_dim * ||grad L_dim|| is ~11% of the triplet's gradient at initialisation and ~80%
+    # on a trained vse model, on fixed scenes batches (benchmarks/dias_grad_shares.py; documented band
+    # at initialisation 2-30%, docs/methods/dias.md "Calibration").
+    w_dim: float = 100.0
     w_inter: float = 0.05
     w_intra: float = 0.1
+    dim_reduction: DimReduction = "mean"  # L_dim over the d dimensions: paper's sum, or the mean (sum / d)
+    terms: list[str] = field(default_factory=lambda: list(TERMS))  # which of Eq. 17's regularizers to train
+    # w_inter and w_intra grow linearly from 0 to their value over this many steps (0 = from the first
+    # step, as the paper): at initialisation the spatial terms' gradient outweighs the triplet's.
+    spatial_warmup_steps: int = 0
     distance: Distance = "cosine"
     sparsity: Sparsity = "soft"  # soft (relaxed learnable mask) | hard (binary, Eq. 14) | none | topk | l1
     beta_init: float = 0.0
@@ -61,6 +72,10 @@ class DiasConfig:
             ("mask_temperature", self.mask_temperature > 0, "> 0"),
             ("topk", self.topk >= 1, ">= 1"),
             ("l1_weight", self.l1_weight >= 0, ">= 0"),
+            ("dim_reduction", self.dim_reduction in typing.get_args(DimReduction), "sum or mean"),
+            ("terms", bool(self.terms) and set(self.terms) <= set(TERMS) and len(set(self.terms)) == len(self.terms),
+             f"a non-empty list of distinct names among {', '.join(TERMS)}"),
+            ("spatial_warmup_steps", self.spatial_warmup_steps >= 0, ">= 0"),
         ])
 
 
@@ -121,11 +136,12 @@ def dimension_correlation(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_fr
     return (s_v.T @ pairs @ s_t) / (norm_v[:, None] * norm_t[None, :])
 
 
-def dimension_alignment_loss(corr: torch.Tensor) -> torch.Tensor:
-    """L_dim of Eq. 6 averaged over the d dimensions: -mean_i (c_ii / sum_j |c_ij| + c_ii / sum_j |c_ji|).
+def dimension_alignment_loss(corr: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """L_dim of Eq. 6: -sum_i (c_ii / sum_j |c_ij| + c_ii / sum_j |c_ji|), or that sum / d ("mean").
 
-    In [-2, 2]. The mean, not the paper's sum, keeps w_dim meaningful whatever the embedding size:
-    summed, the term's gradient is ~27x the triplet loss's at d = 256 and drowns the ranking loss.
+    The mean lies in [-2, 2] and keeps w_dim meaningful whatever the embedding size; the paper's sum
+    is d times larger (its w_dim = 10 at d = 1024). Which scale, and the weight that goes with it,
+    is explicit in the config (`dias.dim_reduction`, `dias.w_dim`).
 
     The denominators use |c|: cosines can be negative, and a signed row sum near zero (or below it)
     would make the ratio explode or flip sign. With |c| each ratio lies in [-1, 1], reaches 1 only
@@ -137,7 +153,10 @@ def dimension_alignment_loss(corr: torch.Tensor) -> torch.Tensor:
     abs_corr = corr.abs()
     rows = abs_corr.sum(1).clamp_min(_EPS)
     cols = abs_corr.sum(0).clamp_min(_EPS)
-    return -(diag / rows + diag / cols).mean()
+    ratios = diag / rows + diag / cols
+    if reduction not in typing.get_args(DimReduction):
+        raise ItmatchError(f"config key 'dias.dim_reduction': unknown value {reduction!r} (use sum, mean)")
+    return -(ratios.sum() if reduction == "sum" else ratios.mean())
 
 
 # ------------------------------------------------------------------------ spatial matrices
@@ -292,20 +311,30 @@ class DIASRegularizer(nn.Module):
         super().__init__()
         cfg = cfg or DiasConfig()  # its values are checked when the config is loaded (DiasConfig.check)
         dim_samples, dim_center = cfg.dim_samples, cfg.dim_center
-        self.w_dim, self.w_inter, self.w_intra = float(cfg.w_dim), float(cfg.w_inter), float(cfg.w_intra)
+        # a term left out of dias.terms is a term of weight 0: never computed
+        on = set(cfg.terms)
+        self.w_dim, self.w_inter, self.w_intra = (float(w) if t in on else 0.0 for t, w in (
+            ("dim", cfg.w_dim), ("inter", cfg.w_inter), ("intra", cfg.w_intra)))
+        self.dim_reduction, self.spatial_warmup_steps = cfg.dim_reduction, int(cfg.spatial_warmup_steps)
         self.distance, self.dim_samples, self.dim_center = cfg.distance, dim_samples, bool(dim_center)
         args = dict(mode=cfg.sparsity, beta_init=cfg.beta_init, temperature=cfg.mask_temperature, topk=cfg.topk,
                     l1_weight=cfg.l1_weight)
         self.inter = SparseSpatialLoss(**args)
         self.intra = SparseSpatialLoss(**args)
 
-    def forward(self, out: dict, positives: torch.Tensor,
-                negatives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def spatial_ramp(self, progress=None) -> float:
+        """The factor on w_inter and w_intra: step / spatial_warmup_steps, capped at 1 (1 without progress)."""
+        if self.spatial_warmup_steps <= 0 or progress is None:
+            return 1.0
+        return min(1.0, progress.step / self.spatial_warmup_steps)
+
+    def forward(self, out: dict, positives: torch.Tensor, negatives: torch.Tensor | None = None,
+                progress=None) -> dict[str, torch.Tensor]:
         needed = ["img", "txt"] + (["img_frag", "img_mask", "txt_frag", "txt_mask"] if self.w_dim > 0 else [])
         missing = [k for k in needed if out.get(k) is None]
         if missing:
             raise ItmatchError(f"config key 'loss.regularizers': dias needs the model outputs {', '.join(missing)}, "
-                               "which this method does not produce (dias.w_dim: 0 drops the fragment term)")
+                               "which this method does not produce (dias.terms without dim drops the fragment term)")
         img, txt = out["img"], out["txt"]
         if img.shape[0] != txt.shape[0] or positives.shape != (img.shape[0], txt.shape[0]):
             raise ItmatchError("dias needs aligned training batches: as many captions as images, row k a pair")
@@ -314,17 +343,19 @@ class DIASRegularizer(nn.Module):
         if self.w_dim > 0:
             corr = dimension_correlation(out["img_frag"], out["img_mask"], out["txt_frag"], out["txt_mask"],
                                          positives, self.dim_samples, self.dim_center)
-            terms["dim"] = dimension_alignment_loss(corr)
+            terms["dim"] = dimension_alignment_loss(corr, self.dim_reduction)
             total = total + self.w_dim * terms["dim"]
         # rows are aligned, so relation (i, j) is unmatched when neither (image i, caption j) nor
         # (image j, caption i) may be matched: with image ids alone, when images i and j differ; with
         # `negatives` from relevance, also never when either caption is relevant to the other image.
         negatives = ~positives if negatives is None else negatives
         unmatched = negatives & negatives.T
+        ramp = self.spatial_ramp(progress)
         for name, weight, sparse, make in (("inter", self.w_inter, self.inter, inter_discrepancy),
                                            ("intra", self.w_intra, self.intra, intra_discrepancy)):
             if weight <= 0:
                 continue
+            weight = weight * ramp  # still computed at ramp 0, so beta and the logs see every step
             loss, extras = sparse(make(img, txt, self.distance), unmatched)
             terms[name] = loss
             total = total + weight * loss

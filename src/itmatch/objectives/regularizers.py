@@ -12,7 +12,7 @@ from itmatch.data.batch import ImageBatch, TextBatch, pair_masks
 class RegularizedObjective(nn.Module):
     """Runs the base objective, then adds each regularizer's "loss" to the base's "loss".
 
-    Every other term a regularizer returns is logged, detached, as `{regularizer}_{term}` (e.g.
+    Every other term a regularizer returns is logged as `{regularizer}_{term}` (e.g.
     dias_inter), and its weighted total as `{regularizer}`, so they never shadow the base's terms.
     """
 
@@ -26,11 +26,12 @@ class RegularizedObjective(nn.Module):
         loss = terms["loss"]
         positives, negatives = pair_masks(img_batch, txt_batch)
         for name, reg in self.regularizers.items():
-            reg_terms = reg(out, positives, negatives)
+            reg_terms = reg(out, positives, negatives, progress=progress)
             loss = loss + reg_terms["loss"]
-            terms[name] = reg_terms["loss"].detach()
+            # not detached, so that training.grad_norms can read each term's gradient
+            terms[name] = reg_terms["loss"]
             for key, value in reg_terms.items():
                 if key != "loss":
-                    terms[f"{name}_{key}"] = value.detach()
+                    terms[f"{name}_{key}"] = value
         terms["loss"] = loss
         return terms

@@ -218,6 +218,11 @@ class Trainer:
             out, img_batch, txt_batch = self.dist.gather_step(out, img_batch, txt_batch, self._non_negatives)
             terms = self.objective(out, img_batch, txt_batch, progress)
         loss = terms["loss"]
+        every, log_every = self.cfg.train.grad_norm_every_steps, self.cfg.train.log_every_steps
+        if every and (self.step + 1) % (max(1, every // log_every) * log_every) == 0:  # on a logged step
+            from itmatch.training.grad_norms import log_grad_norms
+
+            terms = {**terms, **log_grad_norms(terms, [p for g in self.optimizer.param_groups for p in g["params"]])}
         if not torch.isfinite(loss):
             raise ItmatchError(f"the loss became {loss.item()} at step {self.step}: lower optim.lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
@@ -229,7 +234,7 @@ class Trainer:
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
 
     def fit(self) -> dict:
         self._setup()
