@@ -309,3 +309,22 @@ def test_nested_breakdowns_are_flattened_and_split_counts_left_out():
     assert numeric_metrics(report) == {"rsum": 300.0, "by_kind.relation.map_at_r_t2i": 21.5,
                                        "by_change.position.twin_acc_t2i": 50.0,
                                        "by_change.relation_swap.pair_acc": 48.0}
+
+
+@pytest.mark.parametrize("name", ["vse_scenes", "hrem_scenes"])
+def test_existing_run_folder_written_by_training_is_compatible(tmp_path, name):
+    """A finished run's config.yaml (written without the keys the method ignores, e.g. hrem's
+    GPO keys) matches the same run's config; a changed value is still caught."""
+    from itmatch.compare.runs import Arm, Run, check_run_compatible, run_config
+    from itmatch.config import find_config
+    from itmatch.errors import ItmatchError
+
+    arm = Arm(name, name, find_config(name))
+    run = Run(arm, 0, tmp_path / f"{name}-s0", run_config(arm, 0, []))
+    run.run_dir.mkdir()
+    (run.run_dir / "config.yaml").write_text(run.cfg.to_yaml())
+    check_run_compatible(run)
+    other = run_config(arm, 0, ["optim.lr=0.123"])
+    (run.run_dir / "config.yaml").write_text(other.to_yaml())
+    with pytest.raises(ItmatchError, match="optim.lr"):
+        check_run_compatible(run)

@@ -98,7 +98,8 @@ def check_run_compatible(run: Run) -> None:
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
         old = None
-    new = run.cfg.to_dict()
+    # the form config.yaml is written in: without the keys the method ignores
+    new = yaml.safe_load(run.cfg.to_yaml())
     # where a run trains, and what it logs, do not change what it is
     ignored = ("device", "grad_norm_every_steps")
     if isinstance(old, dict):
