@@ -121,12 +121,11 @@ def memory_arm(args) -> None:
 def topk_agreement(args) -> None:
     """Rankings of the top-k shortcut against the exact assignment on a trained model's encodings."""
     import itmatch
+    from itmatch.checkpoint import read_checkpoint_config, resolve_checkpoint
     from itmatch.data.setup import load_configured_split
     from itmatch.evaluation.encode import encode_captions, encode_images
     from itmatch.evaluation.protocols import evaluate_sims
     from itmatch.evaluation.scores import model_scores
-
-    from itmatch.checkpoint import read_checkpoint_config, resolve_checkpoint
 
     model, _, tokenizer = itmatch.load(args.run)
     cfg = model.cfg
