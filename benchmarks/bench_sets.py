@@ -108,14 +108,22 @@ def evaluation(args) -> None:
         print(f"- {name}: {json.loads(out.stdout.strip().splitlines()[-1])}")
 
 
-def memory_arm(args) -> None:
-    import resource
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status", encoding="ascii"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(field)
 
+
+def memory_arm(args) -> None:
+    """Peak RSS growth over the RSS after the inputs exist (Linux: clear_refs resets the peak)."""
     fn = evaluation_arm(args.memory_arm, args)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"inputs_MiB": round(before / 1024, 1), "peak_growth_MiB": round((after - before) / 1024, 1)}))
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"rss_before_MiB": round(before / 1024, 1), "peak_growth_MiB": round((peak - before) / 1024, 1)}))
 
 
 def topk_agreement(args) -> None:

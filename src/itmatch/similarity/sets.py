@@ -127,9 +127,14 @@ def maxpair_scores(cos: torch.Tensor, scaling: str = "mean") -> torch.Tensor:
         # second product restricted to its column (gather), so nothing (pairs x P x K) is built
         cells, onehot = _assignment_table(ki, kt)
         flat = cos.reshape(-1, ki * kt)
+        scoring_only = scaling == "mean" and not (torch.is_grad_enabled() and cos.requires_grad)
         with torch.no_grad():
             wide = _wide(flat.detach())
-            best = (wide @ torch.as_tensor(onehot, device=flat.device, dtype=wide.dtype)).argmax(1)
+            totals = wide @ torch.as_tensor(onehot, device=flat.device, dtype=wide.dtype)
+            if scoring_only:
+                # scoring only: the best total is the score, no gather needed
+                return (totals.amax(1) / k).to(cos.dtype).view(*lead)
+            best = totals.argmax(1)
         chosen = torch.as_tensor(cells, device=flat.device)[best]  # (pairs, k)
         matched = scale(flat.gather(1, chosen), scaling)
         return matched.mean(1).view(*lead)
