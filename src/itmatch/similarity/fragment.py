@@ -109,16 +109,27 @@ def _matching_maxima_nograd(img_frag, img_mask, txt_frag, txt_mask, scores, eps:
     c_t = c.reshape(nt * nw, -1).T
     region_best = r.new_empty(ni, nt, nr)
     word_best = r.new_empty(nt, ni, nw)
+    # Padded slots as flat indices, filled with -inf by index (cheaper than a broadcast boolean mask).
+    pad_words = torch.nonzero(~txt_mask.reshape(-1)).squeeze(1)
+    pad_regions = torch.nonzero(~img_mask.reshape(-1)).squeeze(1)
     step = max(1, CHUNK_ELEMENTS // (nr * nt * nw))
     for start in range(0, ni, step):
         stop = min(ni, start + step)
-        sim = (r[start:stop].reshape(-1, r.shape[-1]) @ c_t).view(stop - start, nr, nt, nw)
+        n = stop - start
+        sim = (r[start:stop].reshape(-1, r.shape[-1]) @ c_t).view(n, nr, nt, nw)
         if scores == "scan":
             F.leaky_relu_(sim, 0.1)
-            to_regions = torch.linalg.vector_norm(sim, dim=1, keepdim=True).clamp_min_(eps)
-            to_words = torch.linalg.vector_norm(sim, dim=3, keepdim=True).clamp_min_(eps)
-        sim.masked_fill_(~img_mask[start:stop, :, None, None], float("-inf"))
-        sim.masked_fill_(~txt_mask[None, None], float("-inf"))
+            squares = sim.square()
+            # the norms F.normalize divides by, from one tensor of squares: across regions, across words
+            to_regions = squares.sum(1, keepdim=True).sqrt_().clamp_min_(eps)
+            to_words = squares.sum(3, keepdim=True).sqrt_().clamp_min_(eps)
+            del squares
+        flat = sim.view(n * nr, nt * nw)
+        if len(pad_words):
+            flat.index_fill_(1, pad_words, float("-inf"))
+        rows = pad_regions[(pad_regions >= start * nr) & (pad_regions < stop * nr)] - start * nr
+        if len(rows):
+            flat.index_fill_(0, rows, float("-inf"))
         if scores == "scan":
             region_best[start:stop] = torch.div(sim, to_regions).amax(3).transpose(1, 2)
             word_best[:, start:stop] = torch.div(sim, to_words).amax(1).transpose(0, 1)
