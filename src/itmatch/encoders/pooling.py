@@ -27,16 +27,17 @@ def set_sizes(mask: torch.Tensor) -> torch.Tensor:
 def descending_order(x: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
     """(B, D, width) positions along L of each row's and dimension's `width` largest real values, largest first.
 
-    Padding sorts after every real value (as -inf); ranks beyond a row's size point at padding. Only
-    the order is computed here, without gradients; the values are gathered by the caller."""
+    Padding sorts after every real value; ranks beyond a row's size point at padding. Only the
+    order is computed here, without gradients; the values are gathered by the caller."""
     with torch.no_grad():
-        filled = x.detach().masked_fill(~mask.unsqueeze(-1), float("-inf")).transpose(1, 2)
+        # keys ascending = values descending; padding is +inf, so it sorts last
+        keys = torch.neg(x.detach()).masked_fill_(~mask.unsqueeze(-1), float("inf")).transpose(1, 2).contiguous()
         if x.device.type == "cpu":
             # numpy's argsort (sorting networks on short rows) is 4-25x faster on CPU than torch.sort
-            # along L, which was most of GPO's cost over mean pooling. Ascending on -x: padding (+inf) last.
-            keys = torch.neg(filled.float() if filled.dtype == torch.bfloat16 else filled).contiguous().numpy()
-            return torch.from_numpy(np.argsort(keys, axis=-1)[..., :width])
-        return filled.contiguous().argsort(dim=-1, descending=True)[..., :width]
+            # along L, which was most of GPO's cost over mean pooling.
+            keys = keys.float() if keys.dtype == torch.bfloat16 else keys
+            return torch.from_numpy(np.argsort(keys.numpy(), axis=-1)[..., :width])
+        return keys.argsort(dim=-1)[..., :width]
 
 
 class MeanPool(nn.Module):
@@ -129,7 +130,8 @@ class GPO(nn.Module):
         order = descending_order(x, mask, width)
         # Rank k of each dimension; padding holds zeros (never NaN * 0), and ranks beyond a row's size
         # point at padding, where the weight is 0 anyway.
-        sorted_x = x.masked_fill(~mask.unsqueeze(-1), 0.0).transpose(1, 2).gather(-1, order)  # (B, D, width)
+        values = x.masked_fill(~mask.unsqueeze(-1), 0.0).transpose(1, 2).contiguous()  # (B, D, L): gather reads rows
+        sorted_x = values.gather(-1, order)  # (B, D, width)
         weights = self.rank_weights(set_sizes(mask), width).to(x.dtype)
         pooled = (sorted_x * weights.unsqueeze(1)).sum(-1)
         return (pooled, weights) if return_weights else pooled
