@@ -35,6 +35,7 @@ from itmatch.data.setup import load_configured_split, resolve_data_root  # noqa:
 from itmatch.data.text import WordVocab, build_tokenizer  # noqa: E402
 from itmatch.methods.registry import build_model, build_objective  # noqa: E402
 from itmatch.objectives.base import TrainProgress  # noqa: E402
+from itmatch.similarity import fragment  # noqa: E402
 from itmatch.similarity.fragment import fragment_matching  # noqa: E402
 
 INSTANCE_ON = "hrem.instance_warmup_steps=0"
@@ -84,22 +85,46 @@ def objective_arm(cfg, batch):
     return lambda: objective(out, *batch, progress)["loss"].backward()
 
 
-def matching_arm(cfg, batch):
-    """The fragment matching alone, on detached fragments as the objective calls it."""
+def matching_arm(cfg, batch, former: bool = False):
+    """The fragment matching alone, on detached fragments as the objective calls it; `former`: the
+    implementation before chunking (the full (N, R, N, T) tensor and its copies, no autograd graph)."""
     _, out = model_outputs(cfg, batch)
     frags = out["img_frag"].detach(), out["img_mask"], out["txt_frag"].detach(), out["txt_mask"]
-    return lambda: fragment_matching(*frags, cfg.hrem.topk, cfg.hrem.matching)
+
+    def run():
+        with former_matching(former):
+            fragment_matching(*frags, cfg.hrem.topk, cfg.hrem.matching)
+    return run
+
+
+class former_matching:
+    """Context: route the no-grad matching through the former unchunked formulation (when `on`)."""
+
+    def __init__(self, on: bool):
+        self.on, self.saved = on, fragment._matching_maxima_nograd
+
+    def __enter__(self):
+        if self.on:
+            fragment._matching_maxima_nograd = fragment._matching_maxima_autograd
+
+    def __exit__(self, *exc):
+        fragment._matching_maxima_nograd = self.saved
 
 
 def step_memory(arm: str) -> dict:
     """Peak RSS of a paper-shape training step above the RSS just before it (fresh process, 2nd step)."""
+    former = arm.endswith(FORMER)
     batches = paper_batches(2, VOCAB)
-    step = make_stepper(paper_cfg(*PAPER_ARMS[arm]), VOCAB)
-    step(*batches[0])  # optimizer state and allocator warm
-    reset_peak_rss()
-    before = rss_mib()
-    step(*batches[1])
+    step = make_stepper(paper_cfg(*PAPER_ARMS[arm.removesuffix(FORMER)]), VOCAB)
+    with former_matching(former):
+        step(*batches[0])  # optimizer state and allocator warm
+        reset_peak_rss()
+        before = rss_mib()
+        step(*batches[1])
     return {"arm": arm, "peak_extra_mib": round(peak_rss_mib() - before, 1)}
+
+
+FORMER = ", former matching"
 
 
 def main() -> None:
@@ -134,6 +159,12 @@ def main() -> None:
             "hrem standalone (full)": cfg("hrem_scenes_standalone.yaml", INSTANCE_ON),
         }
         arms = {name: cycling(make_stepper(c, tok), batches) for name, c in variants.items()}
+        fusion_former = cycling(make_stepper(variants["hrem fusion (full)"], tok), batches)
+
+        def former_step():
+            with former_matching(True):
+                fusion_former()
+        arms["hrem fusion" + FORMER] = former_step
         bench.report(bench.compare(arms, warmup=2), baseline="vse (GPO)", rate=(128, "samples/s"),
                      label=f"training step, scenes shapes ({root}): batch 128, 12 regions x 1280-d, d=256")
         enc = {"vse": vse, "hrem (instance level on)": cfg("hrem_scenes.yaml", INSTANCE_ON),
@@ -155,10 +186,12 @@ def main() -> None:
     parts = {f"instance-level objective ({mech})":
              objective_arm(paper_cfg("hrem_f30k_precomp_bigru.yaml", f"hrem.mechanism={mech}"), pb[0])
              for mech in ("fusion", "standalone")}
-    parts["fragment matching alone"] = matching_arm(paper_cfg("hrem_f30k_precomp_bigru.yaml"), pb[0])
+    parts["fragment matching (chunked, no_grad)"] = matching_arm(paper_cfg("hrem_f30k_precomp_bigru.yaml"), pb[0])
+    parts["fragment matching (former, unchunked)"] = matching_arm(paper_cfg("hrem_f30k_precomp_bigru.yaml"), pb[0],
+                                                                  former=True)
     bench.report(bench.compare(parts, repeats=args.paper_repeats), label=f"parts, forward + backward, {label}")
     memory = {}
-    for arm in PAPER_ARMS:
+    for arm in [*PAPER_ARMS, "hrem fusion (full)" + FORMER]:
         out = subprocess.run([sys.executable, __file__, "--memory-arm", arm, "--threads", str(args.threads)],
                              check=True, capture_output=True, text=True,
                              env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})  # freed blocks leave RSS
