@@ -82,15 +82,27 @@ def training_batches(cfg, split, tokenizer, n: int) -> list:
     return [b for _, b in zip(range(n), loader)]
 
 
+def former_gpo(gpo, x, mask):
+    """GPO's forward before the numpy ordering (torch.sort along L), for a before/after in one run."""
+    sizes = mask.sum(1)
+    width = max(int(sizes.max()), 1)
+    sorted_x = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).sort(dim=1, descending=True).values[:, :width]
+    sorted_x = sorted_x.masked_fill(~(torch.arange(width)[None] < sizes[:, None]).unsqueeze(-1), 0.0)
+    weights = gpo.rank_weights(sizes.clamp(min=1), width).to(x.dtype)
+    return (sorted_x * weights.unsqueeze(-1)).sum(1)
+
+
 def pooling_arms(cfg, tokenizer, batch) -> dict:
-    """Forward + backward of each pooler alone on one batch's image and caption fragments."""
+    """Forward + backward of each pooler alone on one batch's image and caption fragments, and GPO's parts."""
+    from itmatch.encoders.pooling import GPO, MeanPool, descending_order, set_sizes
+
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer).train()
     with torch.no_grad():
         out = model(*batch)
     frags = [(out["img_frag"].detach().requires_grad_(True), out["img_mask"]),
              (out["txt_frag"].detach().requires_grad_(True), out["txt_mask"])]
-    from itmatch.encoders.pooling import GPO, MeanPool
+    gpo = GPO()
 
     def arm(pool):
         def run():
@@ -98,7 +110,16 @@ def pooling_arms(cfg, tokenizer, batch) -> dict:
                 pool(x, mask).sum().backward()
         return run
 
-    return {"mean pooling": arm(MeanPool()), "GPO": arm(GPO())}
+    def weights_only(x, mask):
+        return gpo.rank_weights(set_sizes(mask), int(mask.sum(1).max()))
+
+    def order_only():
+        for x, mask in frags:
+            descending_order(x, mask, int(mask.sum(1).max()))
+
+    return {"mean pooling": arm(MeanPool()), "GPO": arm(gpo), "GPO, former (torch.sort)":
+            arm(lambda x, m: former_gpo(gpo, x, m)), "GPO part: rank weights (GRU)": arm(weights_only),
+            "GPO part: order (numpy argsort)": order_only}
 
 
 def main() -> None:
