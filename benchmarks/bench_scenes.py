@@ -1,28 +1,34 @@
 """Where the time of `itmatch data scenes` goes, stage by stage, on this machine.
 
-    python benchmarks/bench_scenes.py [--images 1000] [--crop-batches 20]
+    python benchmarks/bench_scenes.py [--images 1000] [--crop-batches 20] [--threads 1] [--rounds 3]
 
-Stages, measured on one split of --images images (nothing is written to disk):
+Stages, measured on one split of --images images (nothing is written to disk), each an arm of the
+harness (benchmarks/harness.py: the stages alternate in rounds; min and median are reported):
   - scene graphs, twins and captions (pure Python),
   - the full relevance matrix (vectorised fact evaluation),
   - rendering + region crops,
   - CNN region encoding (crops/s of the folded EfficientNet-Lite0, 12 regions per image),
-and the estimate for the default preset (6500 images) that follows from them.
+and the estimate for the default preset (6500 images) that follows from the minima.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Bench, add_arguments  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--crop-batches", type=int, default=20, help="batches of 48 crops to time the CNN on")
-    args = p.parse_args()
+    args = add_arguments(p, rounds=3, repeats=1).parse_args()
+    bench = Bench("bench_scenes: stages of itmatch data scenes", args)
 
     from itmatch.data.scenes.facts import relevance_matrix
     from itmatch.data.scenes.features import REGIONS, RegionEncoder, crop_regions, region_boxes
@@ -30,32 +36,29 @@ def main() -> None:
     from itmatch.data.scenes.render import render
 
     n = args.images
-    t = time.perf_counter()
     scenes, captions, twins = build_split(0, "train", n)
-    t_build = time.perf_counter() - t
-
-    t = time.perf_counter()
-    rel = relevance_matrix(scenes, [c.facts for caps in captions for c in caps])
-    t_rel = time.perf_counter() - t
-
-    t = time.perf_counter()
+    facts = [c.facts for caps in captions for c in caps]
+    rel = relevance_matrix(scenes, facts)
     crops = [crop_regions(render(s), region_boxes(s, np.random.default_rng(i))) for i, s in enumerate(scenes)]
-    t_render = time.perf_counter() - t
-
     encoder = RegionEncoder()
     batch = np.concatenate(crops)[: 48 * args.crop_batches]
-    encoder.encode(batch[:48])  # warm-up
-    t = time.perf_counter()
-    encoder.encode(batch)
-    crops_per_s = len(batch) / (time.perf_counter() - t)
-
-    per_image = (t_build + t_rel + t_render) / n + REGIONS / crops_per_s
     print(f"{n} images: {len(twins)} twin pairs, relevance {rel.shape} with {rel.nnz} positives")
-    print(f"scene graphs + captions  {t_build:6.2f} s  ({1e3 * t_build / n:.2f} ms/image)")
-    print(f"relevance matrix         {t_rel:6.2f} s")
-    print(f"render + crops           {t_render:6.2f} s  ({1e3 * t_render / n:.2f} ms/image)")
-    print(f"CNN regions              {crops_per_s:6.0f} crops/s ({REGIONS / crops_per_s * 1e3:.1f} ms/image)")
-    print(f"estimate for the default preset (6500 images, PNG writing excluded): {6500 * per_image:.0f} s")
+
+    arms = {
+        "scene graphs + captions": lambda: build_split(0, "train", n),
+        "relevance matrix": lambda: relevance_matrix(scenes, facts),
+        "render + crops": lambda: [crop_regions(render(s), region_boxes(s, np.random.default_rng(i)))
+                                   for i, s in enumerate(scenes)],
+        f"CNN regions ({len(batch)} crops)": lambda: encoder.encode(batch),
+    }
+    record = bench.report(bench.compare(arms, warmup=0), unit="s", label=f"stages on {n} images")
+    t = {name: row["min"] for name, row in record["arms"].items()}
+    cnn = t[f"CNN regions ({len(batch)} crops)"] / len(batch)  # s per crop
+    per_image = (t["scene graphs + captions"] + t["relevance matrix"] + t["render + crops"]) / n + REGIONS * cnn
+    bench.record("per image", {"scene_graphs_ms": round(1e3 * t["scene graphs + captions"] / n, 2),
+                               "render_crops_ms": round(1e3 * t["render + crops"] / n, 2),
+                               "cnn_crops_per_s": round(1 / cnn), "cnn_ms_per_image": round(1e3 * REGIONS * cnn, 1),
+                               "estimate_default_preset_s": round(6500 * per_image)})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Peak memory of evaluating a `score` model at COCO-5K size: block scoring vs the dense matrix.
+"""Peak memory of evaluation: block scoring vs the dense matrix (a `score` model, or 1024-d embeddings).
 
 A score model (pairs scored jointly from fragments, here TERAN-style MrSw) is evaluated on 5,000
 images x 25,000 captions through the metric engine. Arm "blocks" lets the engine read the model's
@@ -7,9 +7,15 @@ evaluation did before the model contract) and ranks that. Each arm runs in a fre
 peak RSS is its own; the memory reported is the peak RSS above the RSS just before scoring
 (encodings and libraries already loaded).
 
-    python benchmarks/bench_score_memory.py [--images 5000] [--captions-per-image 5] [--threads 2]
+With `--model global` the encodings are global embeddings (`--dim`, default 1024) scored through
+`embedding_scores` (dot products in row blocks, single pairs gathered in chunks of 8,192). At
+25,000 x 125,000 the dense matrix alone would be 11.6 GiB, so that size runs the blocks arm only:
 
-Prints both arms, the dense matrix's size, and the ratio blocks / dense of the extra peak memory.
+    python benchmarks/bench_score_memory.py [--images 5000] [--captions-per-image 5] [--threads 1]
+    python benchmarks/bench_score_memory.py --model global --images 25000 --arms blocks --threads 1
+
+Prints each arm, the dense matrix's size, and the ratio blocks / dense of the extra peak memory
+(through the harness, benchmarks/harness.py: threads, load average and versions are recorded).
 """
 
 from __future__ import annotations
@@ -20,27 +26,30 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Bench, peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
 
 
-def rss_mib(field: str) -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
-def run_arm(arm: str, n_img: int, per_image: int, threads: int) -> dict:
+def run_arm(arm: str, n_img: int, per_image: int, threads: int, model: str = "score", dim: int = 1024) -> dict:
     import numpy as np
     import torch
 
     from itmatch.evaluation.protocols import evaluate_sims
-    from itmatch.evaluation.scores import DenseScores, score_model
+    from itmatch.evaluation.scores import DenseScores, embedding_scores, score_model
     from itmatch.models.contract import Fragments
     from itmatch.similarity.fragment import max_region_similarity
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
+    c2i = np.repeat(np.arange(n_img), per_image)
+    if model == "global":
+        n_cap = n_img * per_image
+        img_emb = torch.nn.functional.normalize(torch.randn(n_img, dim, generator=g), dim=1)
+        txt_emb = torch.nn.functional.normalize(img_emb[c2i] + 1.5 * torch.randn(n_cap, dim, generator=g) / dim**0.5,
+                                                dim=1)
+        return measure(arm, lambda: embedding_scores(img_emb, txt_emb), c2i, DenseScores, evaluate_sims)
     n_cap, regions, words, dim = n_img * per_image, 8, 6, 16
     img = Fragments(torch.randn(n_img, regions, dim, generator=g), torch.ones(n_img, regions, dtype=torch.bool))
     word_mask = torch.arange(words)[None] < torch.randint(2, words + 1, (n_cap,), generator=g)[:, None]
@@ -54,49 +63,59 @@ def run_arm(arm: str, n_img: int, per_image: int, threads: int) -> dict:
         def similarity(a: Fragments, b: Fragments) -> torch.Tensor:
             return max_region_similarity(a.features, a.mask, b.features, b.mask, word_reduce="mean")
 
-    c2i = np.repeat(np.arange(n_img), per_image)
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
-    before = rss_mib("VmRSS")
+    return measure(arm, lambda: score_model(ScoreModel(), img, txt), c2i, DenseScores, evaluate_sims)
+
+
+def measure(arm: str, make_source, c2i, dense_scores, evaluate_sims) -> dict:
+    """Peak RSS above the RSS just before scoring (encodings and libraries loaded), time, and rSum."""
+    reset_peak_rss()
+    before = rss_mib()
     t0 = time.perf_counter()
-    source = score_model(ScoreModel(), img, txt)
+    source = make_source()
     if arm == "dense":
-        source = DenseScores(source.dense())
+        source = dense_scores(source.dense())
     metrics = evaluate_sims(source, "plain", caption_to_image=c2i)["metrics"]
-    return {"arm": arm, "seconds": round(time.perf_counter() - t0, 2),
-            "peak_extra_mib": round(rss_mib("VmHWM") - before, 1), "rsum": round(metrics["rsum"], 4)}
+    return {"arm": arm, "seconds": round(time.perf_counter() - t0, 2), "encodings_mib": round(before, 1),
+            "peak_extra_mib": round(peak_rss_mib() - before, 1), "rsum": round(metrics["rsum"], 4)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=5000)
     p.add_argument("--captions-per-image", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", choices=["score", "global"], default="score")
+    p.add_argument("--dim", type=int, default=1024, help="embedding width of --model global")
+    p.add_argument("--arms", default="blocks,dense", help="comma-separated: blocks, dense")
+    p.add_argument("--json", default=None, help="append the record to this file as a JSON line")
     p.add_argument("--arm", choices=["blocks", "dense"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.arm:
-        print(json.dumps(run_arm(args.arm, args.images, args.captions_per_image, args.threads)))
+        print(json.dumps(run_arm(args.arm, args.images, args.captions_per_image, args.threads, args.model, args.dim)))
         return
-    dense_mib = args.images * args.images * args.captions_per_image * 4 / 2**20
-    with open("/proc/loadavg", encoding="ascii") as f:
-        load_before = f.read().split()[0]
+    bench = Bench(f"bench_score_memory: {args.model} model, blocks vs dense", args)
+    n_cap = args.images * args.captions_per_image
+    dense_mib = args.images * n_cap * 4 / 2**20
     results = {}
-    for arm in ("blocks", "dense"):
+    for arm in args.arms.split(","):
         out = subprocess.run([sys.executable, __file__, "--arm", arm, "--images", str(args.images),
-                              "--captions-per-image", str(args.captions_per_image), "--threads", str(args.threads)],
-                             check=True, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              "--captions-per-image", str(args.captions_per_image), "--threads", str(args.threads),
+                              "--model", args.model, "--dim", str(args.dim)],
+                             check=True, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
         results[arm] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(json.dumps(results[arm]))
-    with open("/proc/loadavg", encoding="ascii") as f:
-        load_after = f.read().split()[0]
-    assert results["blocks"]["rsum"] == results["dense"]["rsum"], "the two arms disagree on the metrics"
-    print(f"{args.images} x {args.images * args.captions_per_image} score model, {args.threads} threads, "
-          f"load {load_before} -> {load_after}")
-    print(f"dense matrix: {dense_mib:.0f} MiB | peak extra memory: "
-          f"blocks {results['blocks']['peak_extra_mib']:.0f} MiB, "
-          f"dense {results['dense']['peak_extra_mib']:.0f} MiB | ratio blocks/dense "
-          f"{results['blocks']['peak_extra_mib'] / results['dense']['peak_extra_mib']:.2f} | time blocks "
-          f"{results['blocks']['seconds']:.1f} s, dense {results['dense']['seconds']:.1f} s")
+    if len(results) == 2:
+        assert results["blocks"]["rsum"] == results["dense"]["rsum"], "the two arms disagree on the metrics"
+    values = {"images": args.images, "captions": n_cap, "dense_matrix_mib": round(dense_mib)}
+    for arm, r in results.items():
+        values[f"{arm}_peak_extra_mib"] = r["peak_extra_mib"]
+        values[f"{arm}_seconds"] = r["seconds"]
+        values["rsum"] = r["rsum"]
+    values["rss_before_scoring_mib"] = max(r["encodings_mib"] for r in results.values())
+    if len(results) == 2:
+        ratio = results["blocks"]["peak_extra_mib"] / results["dense"]["peak_extra_mib"]
+        values["ratio_blocks_dense"] = round(ratio, 2)
+    bench.record(f"{args.images} x {n_cap} {args.model} model, peak RSS above the RSS before scoring", values)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""Training and encoding throughput of the default scenes config on this machine.
+"""Training and encoding throughput of the default scenes config, GPO against mean pooling.
 
-Measures, in one run and on the same batches:
-  - training samples/s of `vse` (forward, loss, backward, AdamW step) with GPO pooling,
-  - the same with mean pooling, as a baseline for what GPO costs,
+Through the harness (benchmarks/harness.py), on the same batches, alternating in rounds:
+  - a training step of `vse` (forward, loss, backward, clipping, AdamW) with GPO pooling against the
+    same step with mean pooling (the baseline for what GPO costs);
+  - the pooling alone (forward + backward of GPO and of mean pooling on the image and caption
+    fragments of one batch), to show where the step's difference comes from;
   - encoding items/s at inference (images and captions, eval mode, no gradients).
-Ratios are printed against the mean-pooling baseline measured in the same run, because these
-machines are noisy and absolute numbers drift between runs.
 
-    python benchmarks/bench_training.py [--data DIR] [--steps 30] [--batch-size 128]
+    python benchmarks/bench_training.py [--data DIR] [--threads 1] [--rounds 5] [--repeats 5] [--batch-size 128]
 
 Without --data it uses the small scenes preset from the itmatch cache (generated if missing).
 """
@@ -15,17 +15,22 @@ Without --data it uses the small scenes preset from the itmatch cache (generated
 from __future__ import annotations
 
 import argparse
+import itertools
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from itmatch.config import PACKAGED_CONFIGS, load_config
-from itmatch.data.datasets import CaptionDataset, EpochSampler, ImageDataset, PairDataset, make_loader
-from itmatch.data.setup import load_configured_split, resolve_data_root
-from itmatch.data.text import build_tokenizer
-from itmatch.methods.registry import build_model, build_objective
-from itmatch.objectives.base import TrainProgress
-from itmatch.training.optim import build_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Bench, add_arguments  # noqa: E402
+from itmatch.config import PACKAGED_CONFIGS, load_config  # noqa: E402
+from itmatch.data.datasets import CaptionDataset, EpochSampler, ImageDataset, PairDataset, make_loader  # noqa: E402
+from itmatch.data.setup import load_configured_split, resolve_data_root  # noqa: E402
+from itmatch.data.text import build_tokenizer  # noqa: E402
+from itmatch.methods.registry import build_model, build_objective  # noqa: E402
+from itmatch.objectives.base import TrainProgress  # noqa: E402
+from itmatch.training.optim import build_optimizer  # noqa: E402
 
 
 def make_stepper(cfg, tokenizer):
@@ -47,16 +52,10 @@ def make_stepper(cfg, tokenizer):
     return step
 
 
-def train_rate(cfg, split, tokenizer, steps: int, batches) -> float:
-    step = make_stepper(cfg, tokenizer)
-    for img, txt in batches[:3]:  # warm-up
-        step(img, txt)
-    t0 = time.perf_counter()
-    n = 0
-    for img, txt in batches[3 : 3 + steps]:
-        step(img, txt)
-        n += len(txt)
-    return n / (time.perf_counter() - t0)
+def cycling(step, batches):
+    """A no-argument arm for the harness: each call runs `step` on the next batch, cycling."""
+    it = itertools.cycle(batches)
+    return lambda: step(*next(it))
 
 
 @torch.inference_mode()
@@ -83,32 +82,74 @@ def training_batches(cfg, split, tokenizer, n: int) -> list:
     return [b for _, b in zip(range(n), loader)]
 
 
+def former_gpo(gpo, x, mask):
+    """GPO's forward before the numpy ordering (torch.sort along L), for a before/after in one run."""
+    sizes = mask.sum(1)
+    width = max(int(sizes.max()), 1)
+    sorted_x = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).sort(dim=1, descending=True).values[:, :width]
+    sorted_x = sorted_x.masked_fill(~(torch.arange(width)[None] < sizes[:, None]).unsqueeze(-1), 0.0)
+    weights = gpo.rank_weights(sizes.clamp(min=1), width).to(x.dtype)
+    return (sorted_x * weights.unsqueeze(-1)).sum(1)
+
+
+def pooling_arms(cfg, tokenizer, batch) -> dict:
+    """Forward + backward of each pooler alone on one batch's image and caption fragments, and GPO's parts."""
+    from itmatch.encoders.pooling import GPO, MeanPool, descending_order, set_sizes
+
+    torch.manual_seed(0)
+    model = build_model(cfg, tokenizer).train()
+    with torch.no_grad():
+        out = model(*batch)
+    frags = [(out["img_frag"].detach().requires_grad_(True), out["img_mask"]),
+             (out["txt_frag"].detach().requires_grad_(True), out["txt_mask"])]
+    gpo = GPO()
+
+    def arm(pool):
+        def run():
+            for x, mask in frags:
+                pool(x, mask).sum().backward()
+        return run
+
+    def weights_only(x, mask):
+        return gpo.rank_weights(set_sizes(mask), int(mask.sum(1).max()))
+
+    def order_only():
+        for x, mask in frags:
+            descending_order(x, mask, int(mask.sum(1).max()))
+
+    return {"mean pooling": arm(MeanPool()), "GPO": arm(gpo), "GPO, former (torch.sort)":
+            arm(lambda x, m: former_gpo(gpo, x, m)), "GPO part: rank weights (GRU)": arm(weights_only),
+            "GPO part: order (numpy argsort)": order_only}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="scenes:small")
-    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=128)
-    args = ap.parse_args()
+    ap.add_argument("--batches", type=int, default=8, help="distinct batches the steps cycle through")
+    args = add_arguments(ap, rounds=5, repeats=5).parse_args()
+    bench = Bench("bench_training: vse step, GPO vs mean pooling", args)
 
-    cfg = load_config(PACKAGED_CONFIGS / "vse_scenes.yaml", [f"data.root={args.data}",
-                                                             f"train.batch_size={args.batch_size}"])
+    overrides = [f"data.root={args.data}", f"train.batch_size={args.batch_size}"]
+    cfg = load_config(PACKAGED_CONFIGS / "vse_scenes.yaml", overrides)
+    mean_cfg = load_config(PACKAGED_CONFIGS / "vse_scenes.yaml", [*overrides, "model.pooling=mean"])
     root = resolve_data_root(cfg.data)
     train = load_configured_split(cfg.data, "train", root)
     test = load_configured_split(cfg.data, "test", root)
     tokenizer = build_tokenizer(cfg.model.text, train.captions)
-    batches = training_batches(cfg, train, tokenizer, args.steps + 3)
+    batches = training_batches(cfg, train, tokenizer, args.batches)
 
-    mean_cfg = load_config(PACKAGED_CONFIGS / "vse_scenes.yaml", [f"data.root={args.data}", "model.pooling=mean"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{args.steps} timed steps, data {root}")
-    base = train_rate(mean_cfg, train, tokenizer, args.steps, batches)
-    gpo = train_rate(cfg, train, tokenizer, args.steps, batches)
+    arms = {"vse, mean pooling": cycling(make_stepper(mean_cfg, tokenizer), batches),
+            "vse, GPO (default)": cycling(make_stepper(cfg, tokenizer), batches)}
+    step = bench.report(bench.compare(arms, warmup=2), baseline="vse, mean pooling",
+                        label=f"training step, batch {args.batch_size}, data {root}",
+                        rate=(args.batch_size, "samples/s"))
+    bench.report(bench.compare(pooling_arms(cfg, tokenizer, batches[0])), baseline="mean pooling",
+                 label="pooling alone (image + caption fragments of one batch), forward + backward")
     img_rate, txt_rate = encode_rates(cfg, test, tokenizer, 512)
-    print(f"train vse (mean pooling, baseline): {base:8.0f} samples/s")
-    print(f"train vse (GPO, default config):    {gpo:8.0f} samples/s   ratio to baseline {gpo / base:.2f}x")
-    print(f"encode images (inference):          {img_rate:8.0f} images/s")
-    print(f"encode captions (inference):        {txt_rate:8.0f} captions/s")
-    print(f"one epoch of the default scenes set (25,000 pairs) at this rate: {25000 / gpo:.0f} s")
+    gpo_min = step["arms"]["vse, GPO (default)"]["min"]
+    bench.record("encoding at inference (GPO)", {"images_per_s": round(img_rate), "captions_per_s": round(txt_rate),
+                                                 "epoch_25000_pairs_s": round(25000 / args.batch_size * gpo_min)})
 
 
 if __name__ == "__main__":

@@ -269,3 +269,27 @@ def test_twin_errors_and_empty():
     assert twin_accuracy(S, c2i, np.zeros((0, 2), dtype=int)) == {"twin_acc_t2i": None, "twin_acc_i2t": None}
     with pytest.raises(ItmatchError, match=r"twin pair\(s\) 1"):
         twin_accuracy(S, c2i, np.array([[0, 1], [2, 2]]))
+
+
+# ------------------------------------------------------------------------ exact percentages
+def test_recalls_are_the_printed_decimal_not_a_mean_times_100():
+    """277 hits of 1,000 queries is reported as 27.7 (as `100 * count / n` prints), not 27.700000000000003."""
+    import json
+    from fractions import Fraction
+
+    from itmatch.evaluation.protocols import evaluate_sims
+
+    n, hits = 1000, 277
+    sims = np.random.default_rng(0).uniform(-1, 1, (n, n)).astype(np.float32)
+    diag = np.arange(n)
+    sims[diag, diag] = np.where(diag < hits, 10.0, -10.0)  # first 277 rank first, the rest last
+    report = evaluate_sims(sims, "plain", caption_to_image=diag)
+    text = json.dumps(report["metrics"])
+    assert '"i2t_r1": 27.7,' in text and '"t2i_r1": 27.7,' in text, text
+    assert 100.0 * float(np.mean(diag < hits)) != 27.7  # the form that was replaced really misprints
+    # every count at common test-set sizes gives the correctly rounded decimal 100 * count / n
+    for size in (1000, 5000, 25000):
+        for count in range(0, size + 1, 7):
+            ranks = np.where(np.arange(size) < count, 0, 50)
+            got = recall_metrics(Ranks(i2t=ranks, t2i=ranks))["i2t_r1"]
+            assert got == float(Fraction(100 * count, size)), (count, size)

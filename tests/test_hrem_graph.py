@@ -73,6 +73,42 @@ def test_fragment_matching_matches_per_pair_loops(scores):
     torch.testing.assert_close(m.q_t2i, q_t2i, atol=1e-5, rtol=1e-5)
 
 
+def unchunked_maxima(img, img_mask, txt, txt_mask, scores):
+    """The implementation before chunking (one (Ni, R, Nt, T) tensor and its copies), kept as a reference."""
+    r, c = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    (ni, nr), (nt, nw) = img_mask.shape, txt_mask.shape
+    sim = (r.reshape(ni * nr, -1) @ c.reshape(nt * nw, -1).T).view(ni, nr, nt, nw)
+    valid = img_mask[:, :, None, None] & txt_mask[None, None, :, :]
+    to_regions = to_words = sim
+    if scores == "scan":
+        sim = F.leaky_relu(sim, 0.1).masked_fill(~valid, 0.0)
+        to_regions, to_words = F.normalize(sim, dim=1), F.normalize(sim, dim=3)
+    region_best = to_regions.masked_fill(~valid, float("-inf")).amax(3).permute(0, 2, 1)
+    word_best = to_words.masked_fill(~valid, float("-inf")).amax(1).permute(1, 0, 2)
+    return (region_best.masked_fill(~img_mask[:, None, :], 0.0), word_best.masked_fill(~txt_mask[:, None, :], 0.0))
+
+
+@pytest.mark.parametrize("scores", ["scan", "cosine"])
+def test_chunked_no_grad_matching_equals_the_unchunked_implementation(scores, monkeypatch):
+    import itmatch.similarity.fragment as fragment
+
+    img, img_mask = ragged_batch(11, 9, 16, seed=3)
+    txt, txt_mask = ragged_batch(13, 7, 16, seed=4)
+    monkeypatch.setattr(fragment, "CHUNK_ELEMENTS", 2 * 9 * 13 * 7)  # chunks of 2 images, the last one of 1
+    m = fragment_matching(img, img_mask, txt, txt_mask, k=4, scores=scores)
+    region_best, word_best = unchunked_maxima(img, img_mask, txt, txt_mask, scores)
+    torch.testing.assert_close(m.p_i2t, region_best.sum(-1) / img_mask.sum(1)[:, None], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(m.p_t2i, word_best.sum(-1) / txt_mask.sum(1)[:, None], atol=1e-6, rtol=1e-6)
+    # the autograd path (fragments not detached) gives the same values and a gradient
+    img_g = img.clone().requires_grad_(True)
+    m_grad = fragment_matching(img_g, img_mask, txt, txt_mask, k=4, scores=scores)
+    for name in ("p_i2t", "p_t2i", "q_i2t", "q_t2i"):
+        torch.testing.assert_close(getattr(m_grad, name), getattr(m, name), atol=1e-6, rtol=1e-6)
+    m_grad.p_i2t.sum().backward()
+    assert img_g.grad is not None and img_g.grad[img_mask].abs().sum() > 0
+    assert not m.p_i2t.requires_grad
+
+
 def test_fragment_matching_rejects_unknown_scores():
     from itmatch.errors import ItmatchError
 

@@ -187,3 +187,47 @@ def test_build_pooling_names():
     assert build_pooling("max", k=2).k == 2
     with pytest.raises(ItmatchError, match="model.pooling"):
         build_pooling("attention")
+
+
+# ------------------------------------------------------------------- the implementation before the numpy order
+def sort_based_gpo(gpo: GPO, x, mask):
+    """GPO as it was implemented before (torch.sort along L, values masked by rank), kept as a reference."""
+    sizes = mask.sum(1)
+    width = max(int(sizes.max()), 1)
+    filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+    sorted_x = filled.sort(dim=1, descending=True).values[:, :width]
+    rank_mask = torch.arange(width)[None] < sizes[:, None]
+    sorted_x = sorted_x.masked_fill(~rank_mask.unsqueeze(-1), 0.0)
+    weights = gpo.rank_weights(sizes.clamp(min=1), width).to(x.dtype)
+    return (sorted_x * weights.unsqueeze(-1)).sum(1)
+
+
+def test_gpo_equals_the_sort_based_implementation_in_values_and_gradients():
+    torch.manual_seed(0)
+    dtype = torch.float32
+    gpo = GPO()
+    x, mask, _ = ragged(b=16, max_len=12, d=24, seed=5)
+    x, mask = scatter_padding(x, mask)  # garbage padding shuffled among the real fragments
+    x = x.to(dtype)
+    x[3, :, :4] = 0.5  # ties within a set
+    x[4][mask[4]] = torch.tensor(-1.0, dtype=dtype)
+    mask[5] = False  # one empty set
+    grads = []
+    for fn in (lambda a: gpo(a, mask), lambda a: sort_based_gpo(gpo, a, mask)):
+        leaf = x.clone().requires_grad_(True)
+        gpo.zero_grad()
+        out = fn(leaf)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        grads.append((out.detach(), leaf.grad, [p.grad.clone() for p in gpo.parameters()]))
+    (new, new_gx, new_gp), (old, old_gx, old_gp) = grads
+    tol = {"atol": 1e-6, "rtol": 1e-6}
+    torch.testing.assert_close(new, old, **tol)
+    assert new[5].abs().max() == 0
+    # ties may send a tied value's gradient to another of the tied positions; the sum over them is the same
+    torch.testing.assert_close(new_gx.sum(1), old_gx.sum(1), **tol)
+    torch.testing.assert_close(new_gx[~mask.unsqueeze(-1).expand_as(x)].abs().sum(), torch.tensor(0.0, dtype=dtype))
+    untied = torch.ones_like(mask)
+    untied[3:5] = False
+    torch.testing.assert_close(new_gx[untied], old_gx[untied], **tol)
+    for a, b in zip(new_gp, old_gp, strict=True):  # sums over B x D in another order, x 10 by the temperature
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

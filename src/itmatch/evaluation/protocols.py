@@ -29,6 +29,7 @@ from itmatch.evaluation.ranking import (
     ground_truth_ranks,
     is_pessimistic,
     pair_accuracy,
+    percent,
     ranks_without,
     recall_metrics,
     relevance_ranking,
@@ -223,12 +224,12 @@ def scenes_metrics(source: ScoreSource, caption_to_image: np.ndarray, split: Ret
             by_change[change] = {"twin_pairs": int(pick.sum()), **acc}
     foils = np.flatnonzero(ann.role == "foil")
     wins = pair_accuracy(source, caption_to_image[foils], ann.pair[foils], foils, tie_policy=tie_policy)
-    out["pair_acc"] = 100.0 * float(wins.mean()) if len(foils) else None
+    out["pair_acc"] = percent(int(wins.sum()), len(wins)) if len(foils) else None
     for change in PAIR_CHANGES:
         pick = ann.change[foils] == change
         if pick.any():
             by_change.setdefault(change, {}).update(
-                {"minimal_pairs": int(pick.sum()), "pair_acc": 100.0 * float(wins[pick].mean())})
+                {"minimal_pairs": int(pick.sum()), "pair_acc": percent(int(wins[pick].sum()), int(pick.sum()))})
     out["by_change"] = by_change
     out["set_coverage"] = set_coverage(sub, c2i, kinds == "object", rel, und, **kwargs)
     out["undetermined_pairs"] = int(und.nnz)

@@ -118,7 +118,7 @@ def recall_metrics(ranks: Ranks, ks: Sequence[int] = RECALL_KS) -> dict[str, flo
     rsum = 0.0
     for direction, r in (("i2t", ranks.i2t), ("t2i", ranks.t2i)):
         for k in ks:
-            value = 100.0 * float(np.mean(r < k))
+            value = percent(int(np.count_nonzero(r < k)), len(r))
             out[f"{direction}_r{k}"] = value
             rsum += value
     out["rsum"] = rsum
@@ -150,9 +150,15 @@ class QueryScores:
                 "r1": _pct_nanmean(self.r1)}
 
 
+def percent(part: float, whole: int) -> float:
+    """100 * part / whole, multiplied before dividing as the reference code does: 277 of 1000 is 27.7,
+    where 100 * mean(...) would give 27.700000000000003."""
+    return 100.0 * float(part) / whole
+
+
 def _pct_nanmean(x: np.ndarray) -> float:
     x = x[~np.isnan(x)]
-    return 100.0 * float(x.mean()) if len(x) else float("nan")
+    return percent(float(x.sum()), len(x)) if len(x) else float("nan")
 
 
 def _positive_hits(pos_sorted: torch.Tensor, n_pos: torch.Tensor, neg_top: torch.Tensor,
@@ -357,13 +363,13 @@ def twin_accuracy(scores: ArrayLike | ScoreSource, caption_to_image: np.ndarray,
     other_ok_t = torch.as_tensor(other_ok, device=s_own.device)
 
     n_t2i = int(own_ok.sum())
-    t2i = 100.0 * float((beats(s_own, s_twin) & own_ok_t).sum()) / n_t2i if n_t2i else None
+    t2i = percent(int((beats(s_own, s_twin) & own_ok_t).sum()), n_t2i) if n_t2i else None
 
     valid = own_ok_t[:, :, None] & other_ok_t[:, None, :]
     wins = (beats(s_own[:, :, None], s_other[:, None, :]) & valid).sum((1, 2)).double()
     trials = valid.sum((1, 2)).double()
     has = trials > 0
-    i2t = 100.0 * float((wins[has] / trials[has]).mean()) if bool(has.any()) else None
+    i2t = percent(float((wins[has] / trials[has]).sum()), int(has.sum())) if bool(has.any()) else None
     return {"twin_acc_t2i": t2i, "twin_acc_i2t": i2t}
 
 
@@ -446,7 +452,8 @@ def set_coverage(scores: ArrayLike | ScoreSource, caption_to_image: np.ndarray, 
     imgs = c2i[cols]
     won = beats(source.pairs(imgs, cols).double().cpu(), torch.as_tensor(worst[imgs])).double().numpy()
     per_image = np.bincount(imgs, weights=won, minlength=n_img) / np.maximum(np.bincount(imgs, minlength=n_img), 1)
-    return 100.0 * float(per_image[np.unique(imgs)].mean())
+    covered = per_image[np.unique(imgs)]
+    return percent(float(covered.sum()), len(covered))
 
 
 def check_twins(twins: np.ndarray, n_images: int) -> np.ndarray:

@@ -46,11 +46,35 @@ def _masked_max(sim: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tenso
     return sim.masked_fill(~valid, float("-inf")).amax(dim=dim)
 
 
+# Elements of one image chunk's (n, R, Nt, T) score block on the no-grad path: 4M floats = 16 MiB,
+# small enough to stay near the cache and to bound memory at any batch size.
+CHUNK_ELEMENTS = 1 << 22
+
+
 def fragment_matching(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: torch.Tensor,
                       txt_mask: torch.Tensor, k: int, scores: str = "scan") -> FragmentMatching:
-    """p and q of Eq. 7-8 for every (image, caption) pair of two fragment batches."""
+    """p and q of Eq. 7-8 for every (image, caption) pair of two fragment batches.
+
+    With detached inputs (HREM's default, `detach_fragments`) or grad off, this runs chunk by chunk
+    over images in place (`_matching_maxima_nograd`); otherwise through autograd on the full tensor."""
     if scores not in SCORES:
         raise ItmatchError(f"config key 'hrem.matching': unknown {scores!r} (use {', '.join(SCORES)})")
+    needs_grad = torch.is_grad_enabled() and (img_frag.requires_grad or txt_frag.requires_grad)
+    maxima = _matching_maxima_autograd if needs_grad else _matching_maxima_nograd
+    region_best, word_best = maxima(img_frag, img_mask, txt_frag, txt_mask, scores)
+    ni, nr = img_mask.shape
+    nt, nw = txt_mask.shape
+    rmask = img_mask[:, None, :].expand(ni, nt, nr)
+    wmask = txt_mask[:, None, :].expand(nt, ni, nw)
+    region_best = region_best.masked_fill(~rmask, 0.0)
+    word_best = word_best.masked_fill(~wmask, 0.0)
+    p_i2t = region_best.sum(-1) / img_mask.sum(1).clamp(min=1)[:, None]
+    p_t2i = word_best.sum(-1) / txt_mask.sum(1).clamp(min=1)[:, None]
+    return FragmentMatching(p_i2t, p_t2i, _topk_padded(region_best, rmask, k), _topk_padded(word_best, wmask, k))
+
+
+def _matching_maxima_autograd(img_frag, img_mask, txt_frag, txt_mask, scores):
+    """(region_best (Ni, Nt, R), word_best (Nt, Ni, T)) through out-of-place ops that autograd can follow."""
     r = F.normalize(img_frag, dim=-1)  # (Ni, R, d)
     c = F.normalize(txt_frag, dim=-1)  # (Nt, T, d)
     ni, nr = r.shape[:2]
@@ -68,13 +92,51 @@ def fragment_matching(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: 
         to_regions = to_words = sim
     region_best = _masked_max(to_regions, valid, dim=3).permute(0, 2, 1)  # (Ni, Nt, R)
     word_best = _masked_max(to_words, valid, dim=1).permute(1, 0, 2)  # (Nt, Ni, T)
-    rmask = img_mask[:, None, :].expand(ni, nt, nr)
-    wmask = txt_mask[:, None, :].expand(nt, ni, nw)
-    region_best = region_best.masked_fill(~rmask, 0.0)
-    word_best = word_best.masked_fill(~wmask, 0.0)
-    p_i2t = region_best.sum(-1) / img_mask.sum(1).clamp(min=1)[:, None]
-    p_t2i = word_best.sum(-1) / txt_mask.sum(1).clamp(min=1)[:, None]
-    return FragmentMatching(p_i2t, p_t2i, _topk_padded(region_best, rmask, k), _topk_padded(word_best, wmask, k))
+    return region_best, word_best
+
+
+@torch.no_grad()
+def _matching_maxima_nograd(img_frag, img_mask, txt_frag, txt_mask, scores, eps: float = 1e-12):
+    """The same maxima without autograd: one (n, R, Nt, T) block of images at a time, updated in place.
+
+    Padded fragments are zeroed before the matmul, so their scores are 0 exactly as the masked_fill
+    of the autograd path leaves them, and the norms need no mask. After the norms, padded entries
+    become -inf once, so both maxima skip them with no further masks or copies."""
+    r = F.normalize(img_frag, dim=-1) * img_mask[..., None]
+    c = F.normalize(txt_frag, dim=-1) * txt_mask[..., None]
+    ni, nr = r.shape[:2]
+    nt, nw = c.shape[:2]
+    c_t = c.reshape(nt * nw, -1).T
+    region_best = r.new_empty(ni, nt, nr)
+    word_best = r.new_empty(nt, ni, nw)
+    # Padded slots as flat indices, filled with -inf by index (cheaper than a broadcast boolean mask).
+    pad_words = torch.nonzero(~txt_mask.reshape(-1)).squeeze(1)
+    pad_regions = torch.nonzero(~img_mask.reshape(-1)).squeeze(1)
+    step = max(1, CHUNK_ELEMENTS // (nr * nt * nw))
+    for start in range(0, ni, step):
+        stop = min(ni, start + step)
+        n = stop - start
+        sim = (r[start:stop].reshape(-1, r.shape[-1]) @ c_t).view(n, nr, nt, nw)
+        if scores == "scan":
+            F.leaky_relu_(sim, 0.1)
+            squares = sim.square()
+            # the norms F.normalize divides by, from one tensor of squares: across regions, across words
+            to_regions = squares.sum(1, keepdim=True).sqrt_().clamp_min_(eps)
+            to_words = squares.sum(3, keepdim=True).sqrt_().clamp_min_(eps)
+            del squares
+        flat = sim.view(n * nr, nt * nw)
+        if len(pad_words):
+            flat.index_fill_(1, pad_words, float("-inf"))
+        rows = pad_regions[(pad_regions >= start * nr) & (pad_regions < stop * nr)] - start * nr
+        if len(rows):
+            flat.index_fill_(0, rows, float("-inf"))
+        if scores == "scan":
+            region_best[start:stop] = torch.div(sim, to_regions).amax(3).transpose(1, 2)
+            word_best[:, start:stop] = torch.div(sim, to_words).amax(1).transpose(0, 1)
+        else:
+            region_best[start:stop] = sim.amax(3).transpose(1, 2)
+            word_best[:, start:stop] = sim.amax(1).transpose(0, 1)
+    return region_best, word_best
 
 
 def max_region_similarity(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: torch.Tensor,
