@@ -102,8 +102,8 @@ class ShortlistScores(ScoreSource):
         # first-stage scores are cosines in [-1, 1]: 3 below the lowest exact score keeps them all below
         low = float(self.exact.min()) if self.exact.size else 0.0
         self.floor = low - 3.0
-        self._lookup = sp.csr_matrix((np.arange(1, self.shortlist.nnz + 1), self.shortlist.indices, self.shortlist.indptr),
-                                     shape=self.shape)
+        short = self.shortlist
+        self._lookup = sp.csr_matrix((np.arange(1, short.nnz + 1), short.indices, short.indptr), shape=self.shape)
 
     @classmethod
     def for_model(cls, model, images: Encoding, captions: Encoding, k: int, k_t2i: int | None = None):
