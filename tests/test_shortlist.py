@@ -73,3 +73,32 @@ def test_small_k_is_exact_on_the_shortlist_and_ranks_it_first():
     recall = short.recall(c2i)
     assert recall["gt_pairs"] == 100.0 * listed[c2i, np.arange(60)].mean()
     assert recall["i2t"] == 100.0 * np.mean([listed[i, c2i == i].any() for i in range(12)])
+
+
+def test_itmatch_eval_shortlist_with_k_all_reports_the_exhaustive_metrics(tiny_scenes, tmp_path, capsys):
+    import json
+
+    from itmatch.checkpoint import save_pretrained
+    from itmatch.cli import main
+    from itmatch.config import config_from_dict
+    from itmatch.data.precomp import load_split
+    from itmatch.data.text import WordVocab
+    from itmatch.methods.registry import build_model
+
+    split = load_split(tiny_scenes, "train")
+    vocab = WordVocab.build(split.captions)
+    cfg = config_from_dict({"model": {"method": "teran", "embed_dim": 16, "image": {"feature_dim": int(
+        split.features.shape[-1])}, "text": {"word_dim": 8}}, "teran": {"heads": 2, "ff": 16},
+        "data": {"root": str(tiny_scenes)}})
+    torch.manual_seed(0)
+    save_pretrained(build_model(cfg, vocab).eval(), vocab, cfg, tmp_path / "ckpt")
+    reports = {}
+    for name, extra in (("exhaustive", []), ("shortlist", ["--shortlist", "100000"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", str(tmp_path / "ckpt"), "--protocol", "plain", "--output", str(out), *extra]) == 0
+        reports[name] = json.loads(out.read_text())
+    assert reports["shortlist"]["metrics"] == reports["exhaustive"]["metrics"]
+    assert reports["shortlist"]["shortlist"]["gt_pairs"] == 100.0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "ckpt"), "--shortlist", "0"]) == 2
+    assert "itmatch: error: --shortlist must be >= 1" in capsys.readouterr().err
