@@ -96,20 +96,23 @@ class HosaModel(TeranModel):
     # reconstruction -------------------------------------------------------------------------------
     def _reconstruct(self, x: torch.Tensor, mask: torch.Tensor, target: str, projector) -> Fragments:
         if projector is not None:
+            x = x.float()  # FFTs and solves in float32 / complex64, also under mixed precision
             n_slots = x.shape[1]
             x = apply_projector(_pad_slots(x, self.slots[target], _WHAT[target]), projector.to(x.device),
                                 self.domain)[:, :n_slots]
         return Fragments(unit_fragments(x, mask), mask)
 
+    def _encode(self, frag: torch.Tensor, mask: torch.Tensor, target: str) -> Fragments:
+        if target not in self.fits:
+            return Fragments(unit_fragments(frag, mask), mask)
+        with torch.autocast(frag.device.type, enabled=False):
+            return self._reconstruct(frag, mask, target, self.running_projector(target))
+
     def encode_image(self, batch: ImageBatch) -> Fragments:
-        frag, mask = self.image_fragments(batch)
-        return self._reconstruct(frag, mask, "image", self.running_projector("image") if "image" in self.fits
-                                 else None)
+        return self._encode(*self.image_fragments(batch), "image")
 
     def encode_text(self, batch: TextBatch) -> Fragments:
-        frag, mask = self.text_fragments(batch)
-        return self._reconstruct(frag, mask, "text", self.running_projector("text") if "text" in self.fits
-                                 else None)
+        return self._encode(*self.text_fragments(batch), "text")
 
     def forward(self, img_batch: ImageBatch, txt_batch: TextBatch) -> dict:
         """Fragments reconstructed through H fitted on this batch's pairs (row k of both batches is a pair)."""
@@ -117,7 +120,7 @@ class HosaModel(TeranModel):
         t, tm = self.text_fragments(txt_batch)
         if v.shape[0] != t.shape[0]:
             raise ItmatchError("HOSA fits H on matched pairs: the image and caption batches must align row by row")
-        sides = {"image": (v, vm), "text": (t, tm)}
+        sides = {"image": (v.float(), vm), "text": (t.float(), tm)}  # the fit in float32 / complex64
         padded = {s: _pad_slots(x, self.slots[s], _WHAT[s]) for s, (x, _) in sides.items()}
         out = {}
         for target in ("image", "text"):
@@ -125,11 +128,12 @@ class HosaModel(TeranModel):
             if target not in self.fits:
                 out[target] = Fragments(unit_fragments(x, mask), mask)
                 continue
-            gram, moment = normal_equations(padded[self._source(target)], padded[target], self.domain)
-            if self.training:
-                self._accumulate(target, gram.detach(), moment.detach(), v.shape[0])
-            projector = reconstruction_projector(solve_normal_equations(gram, moment, self.ridge), self.ridge)
-            out[target] = self._reconstruct(x, mask, target, projector)
+            with torch.autocast(v.device.type, enabled=False):
+                gram, moment = normal_equations(padded[self._source(target)], padded[target], self.domain)
+                if self.training:
+                    self._accumulate(target, gram.detach(), moment.detach(), v.shape[0])
+                projector = reconstruction_projector(solve_normal_equations(gram, moment, self.ridge), self.ridge)
+                out[target] = self._reconstruct(x, mask, target, projector)
         if self.training:
             self.fits_seen += 1
         return {"img": out["image"], "txt": out["text"]}
