@@ -17,7 +17,7 @@ from itmatch.config import Config, check_values
 from itmatch.methods.registry import register_method
 from itmatch.methods.teran import POOLING_KEYS, TeranConfig
 from itmatch.models.hosa import HosaModel
-from itmatch.objectives.vse import VSEObjective
+from itmatch.objectives.vse import FragmentRankingObjective
 
 
 @dataclass
@@ -49,4 +49,4 @@ class HOSA:
 
     @staticmethod
     def build_objective(cfg: Config, model: nn.Module) -> nn.Module:
-        return VSEObjective(cfg.loss, model.similarity)
+        return FragmentRankingObjective(cfg.loss, model.similarity)

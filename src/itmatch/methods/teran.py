@@ -16,7 +16,7 @@ from torch import nn
 from itmatch.config import Config, check_values
 from itmatch.methods.registry import register_method
 from itmatch.models.teran import TeranModel
-from itmatch.objectives.vse import VSEObjective
+from itmatch.objectives.vse import FragmentRankingObjective
 
 POOLING_KEYS = ("model.pooling", "model.gpo_pe_dim", "model.gpo_hidden")
 
@@ -54,4 +54,4 @@ class TERAN:
 
     @staticmethod
     def build_objective(cfg: Config, model: nn.Module) -> nn.Module:
-        return VSEObjective(cfg.loss, model.similarity)
+        return FragmentRankingObjective(cfg.loss, model.similarity)

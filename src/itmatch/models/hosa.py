@@ -29,7 +29,7 @@ import torch
 from itmatch.data.batch import ImageBatch, TextBatch
 from itmatch.errors import ItmatchError
 from itmatch.models.contract import Fragments
-from itmatch.models.teran import TeranModel
+from itmatch.models.teran import TeranModel, fragment_outputs
 from itmatch.similarity.fragment import unit_fragments
 from itmatch.similarity.tproduct import (
     apply_projector,
@@ -136,7 +136,7 @@ class HosaModel(TeranModel):
                 out[target] = self._reconstruct(x, mask, target, projector)
         if self.training:
             self.fits_seen += 1
-        return {"img": out["image"], "txt": out["text"]}
+        return fragment_outputs(out["image"], out["text"])
 
 
 _WHAT = {"image": "regions", "text": "words"}

@@ -20,6 +20,13 @@ from itmatch.models.contract import Fragments
 from itmatch.similarity.fragment import fragment_scores, pair_fragment_scores, unit_fragments
 
 
+def fragment_outputs(img: Fragments, txt: Fragments) -> dict:
+    """Training outputs of a fragment model: the encodings, and their tensors as flat rows, which
+    multi-process training gathers into the global batch (it gathers tensors, not Fragments)."""
+    return {"img": img, "txt": txt, "img_frag": img.features, "img_mask": img.mask,
+            "txt_frag": txt.features, "txt_mask": txt.mask}
+
+
 class TeranModel(nn.Module):
     kind = "score"
 
@@ -63,7 +70,7 @@ class TeranModel(nn.Module):
                                     self.word_reduce, normalized=True)
 
     def forward(self, img_batch: ImageBatch, txt_batch: TextBatch) -> dict:
-        return {"img": self.encode_image(img_batch), "txt": self.encode_text(txt_batch)}
+        return fragment_outputs(self.encode_image(img_batch), self.encode_text(txt_batch))
 
     # optimisation -------------------------------------------------------------------------------
     def param_groups(self, cfg) -> list[dict]:
