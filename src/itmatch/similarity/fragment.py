@@ -89,7 +89,7 @@ def unit_fragments(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def fragment_scores(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: torch.Tensor, txt_mask: torch.Tensor,
                     region_reduce: str = "max", word_reduce: str = "sum", normalized: bool = False) -> torch.Tensor:
-    """(Ni, Nt) region-word cosine scores of every image with every caption of a block (TERAN Eq. 4-5).
+    """(Ni, Nt) region-word cosine scores of every image with every caption of a block (TERAN's alignment).
 
     `region_reduce="max"`, `word_reduce="sum"` is MrSw: each word's best region cosine, summed over the
     words; `region_reduce="sum"` sums over regions instead (TERAN's "SrSw"); `word_reduce="mean"` divides by
