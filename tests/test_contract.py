@@ -27,6 +27,8 @@ FEATURES = 12
 CAPTIONS = ["a red circle", "a blue square left of a large star", "two stars", "a red star above a cross",
             "one blue circle", "a small green hexagon", "three shapes", "a white cross"]
 METHOD_OVERRIDES = {
+    "teran": {"teran": {"heads": 4, "ff": 32}},
+    "hosa": {"hosa": {"heads": 4, "ff": 32, "regions": 12, "words": 64}},
     # fragment and instance-level attention widths that divide the tiny embedding; instance level on
     "hrem": {"hrem": {"fragment_heads": 4, "heads": 4, "fragment_ff": 32, "topk": 3, "instance_warmup_steps": 0}},
 }

@@ -46,6 +46,9 @@ def configs(root):
                             [f"data.root={root}", *COMMON, *NO_AUGMENT, *HREM]),
         # DIAS's batch terms (dimension alignment on fragments, inter/intra spatial) on the global batch
         "vse_dias": load_config(PACKAGED_CONFIGS / "vse_dias_scenes.yaml", [f"data.root={root}", *COMMON, *NO_AUGMENT]),
+        # a `score` model: its fragment encodings are gathered as flat tensors (models.teran.fragment_outputs)
+        "teran": load_config(PACKAGED_CONFIGS / "teran_scenes.yaml", [f"data.root={root}", *COMMON, *NO_AUGMENT,
+                                                                      "teran.dropout=0.0", "teran.ff=64"]),
     }
 
 

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-sims", default=None, help="save the similarity matrix (.npy)")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--shortlist", type=int, default=None, metavar="K",
+                    help="score exactly only each query's top-K candidates of a mean-pooled first stage (score models)")
     ev.set_defaults(func=_handler("itmatch.evaluation.commands:cmd_eval"))
 
     cp = sub.add_parser("compare", help="train configs x seeds on one budget; intervals and paired differences")

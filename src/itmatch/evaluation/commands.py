@@ -84,7 +84,8 @@ def cmd_eval_sims(args) -> int:
 
 
 def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol: str | None,
-                        batch_size: int = 256, device: str = "auto", save_sims: str | Path | None = None):
+                        batch_size: int = 256, device: str = "auto", save_sims: str | Path | None = None,
+                        shortlist: int | None = None):
     """(report, scores, split) for a checkpoint on one split; `scores` is a ScoreSource (`.dense()`
     gives the matrix where it fits in memory). With `save_sims`, the matrix is first written there
     block by block and the metrics read it back memory-mapped, so no pair is scored twice."""
@@ -103,7 +104,7 @@ def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol
     root = resolve_data_root(data_cfg)
     split_data = load_configured_split(data_cfg, split, root, check_finite=True)
     t0 = time.perf_counter()
-    scores = split_scores(model, split_data, tokenizer, cfg.model, batch_size, dev)
+    scores = split_scores(model, split_data, tokenizer, cfg.model, batch_size, dev, shortlist=shortlist)
     if save_sims is not None:
         scores = DenseScores(load_sims(scores.save_npy(save_sims)), name=str(save_sims))
     if protocol is None:
@@ -111,6 +112,8 @@ def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol
     report = evaluate_sims(scores, protocol, split_data, dataset=str(root), split_name=split)
     report.update({"method": cfg.model.method, "kind": model.kind, "checkpoint": str(checkpoint),
                    "encode_and_score_s": round(time.perf_counter() - t0, 3), "version": __version__})
+    if shortlist is not None and hasattr(scores, "recall"):  # the shortlist's share of the ground truth
+        report["shortlist"] = {"k": shortlist, **scores.recall(split_data.caption_to_image)}
     return report, scores, split_data
 
 
@@ -120,7 +123,8 @@ def cmd_eval(args) -> int:
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     report, scores, _ = evaluate_checkpoint(checkpoint, args.data, args.split, args.protocol,
-                                            args.batch_size, args.device, save_sims=args.save_sims)
+                                            args.batch_size, args.device, save_sims=args.save_sims,
+                                            shortlist=getattr(args, "shortlist", None))
     print(format_report(report))
     if args.output:
         write_report(report, args.output)

@@ -28,3 +28,16 @@ class VSEObjective(nn.Module):
         sims = self.similarity(out["img"], out["txt"])
         loss = self.ranking(sims, positives, progress, negatives)
         return {"loss": loss, self.ranking.name: loss}  # not detached: training.grad_norms reads its gradient
+
+
+class FragmentRankingObjective(VSEObjective):
+    """`VSEObjective` for fragment (`score`) models: the encodings are read from the flat tensors of
+    `out` ("img_frag", "img_mask", "txt_frag", "txt_mask"), which multi-process training has gathered
+    into the global batch."""
+
+    def forward(self, out: dict, img_batch: ImageBatch, txt_batch: TextBatch, progress) -> dict:
+        from itmatch.models.contract import Fragments
+
+        out = {**out, "img": Fragments(out["img_frag"], out["img_mask"]),
+               "txt": Fragments(out["txt_frag"], out["txt_mask"])}
+        return super().forward(out, img_batch, txt_batch, progress)

@@ -8,7 +8,7 @@ their top-K (Eq. 8, the matching vector q). Padding never matches and never coun
 l2 normalisation across the fragments being matched *to* (SCAN's attention normalisation) before
 taking maxima; `scores="cosine"` takes Eq. 7 literally on the cosines.
 
-`max_region_similarity` is the pair-joint score of fragment models (TERAN's MrSw): the similarity
+`fragment_scores` (MrSw and its variants) is the pair-joint score of fragment models (TERAN): the similarity
 a `score` model evaluates with, in blocks.
 """
 
@@ -139,21 +139,70 @@ def _matching_maxima_nograd(img_frag, img_mask, txt_frag, txt_mask, scores, eps:
     return region_best, word_best
 
 
+REGION_REDUCE = ("max", "sum")
+WORD_REDUCE = ("sum", "mean")
+
+
+def unit_fragments(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L2-normalised fragments with padded slots exactly zero (what `fragment_scores` reads when
+    `normalized=True`: score models normalise once at encoding, not once per block)."""
+    return F.normalize(features, dim=-1).masked_fill(~mask.unsqueeze(-1), 0.0)
+
+
+def fragment_scores(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: torch.Tensor, txt_mask: torch.Tensor,
+                    region_reduce: str = "max", word_reduce: str = "sum", normalized: bool = False) -> torch.Tensor:
+    """(Ni, Nt) region-word cosine scores of every image with every caption of a block (TERAN's alignment).
+
+    `region_reduce="max"`, `word_reduce="sum"` is MrSw: each word's best region cosine, summed over the
+    words; `region_reduce="sum"` sums over regions instead (TERAN's "SrSw"); `word_reduce="mean"` divides by
+    the caption's word count. One GEMM (Ni*R, d) x (d, Nt*T) scores the whole block, so every pair of the
+    block is computed once, with no loop; memory is Ni*R*Nt*T scores (the caller bounds Ni x Nt through the
+    model's score_block). Padding never counts: padded regions never win the max (an image without any
+    real region scores 0), padded words add 0.
+    """
+    if region_reduce not in REGION_REDUCE:
+        raise ValueError(f"region_reduce must be one of {REGION_REDUCE}, got {region_reduce!r}")
+    if word_reduce not in WORD_REDUCE:
+        raise ValueError(f"word_reduce must be one of {WORD_REDUCE}, got {word_reduce!r}")
+    r = img_frag if normalized else unit_fragments(img_frag, img_mask)
+    c = txt_frag if normalized else unit_fragments(txt_frag, txt_mask)
+    ni, nr, d = r.shape
+    nt, nw = c.shape[:2]
+    sim = (r.reshape(ni * nr, d) @ c.reshape(nt * nw, d).T).view(ni, nr, nt * nw)
+    if region_reduce == "max":
+        if not bool(img_mask.all()):
+            sim = sim.masked_fill(~img_mask[:, :, None], float("-inf"))
+        best = sim.amax(1)
+        if not bool(img_mask.any(1).all()):  # an image without regions: -inf everywhere, score 0
+            best = best.masked_fill(~img_mask.any(1)[:, None], 0.0)
+    else:
+        best = sim.sum(1)  # padded regions are zero vectors: they add 0
+    # padded words are zero vectors, so every region scores 0 with them: they add 0 to the sum
+    out = best.view(ni, nt, nw).sum(-1)
+    if word_reduce == "mean":
+        out = out / txt_mask.sum(1).clamp(min=1)[None, :]
+    return out
+
+
 def max_region_similarity(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: torch.Tensor,
                           txt_mask: torch.Tensor, word_reduce: str = "sum") -> torch.Tensor:
-    """(Ni, Nt) TERAN-style MrSw scores: each word's best region cosine, summed (or averaged) over words.
+    """(Ni, Nt) TERAN-style MrSw scores: each word's best region cosine, summed (or averaged) over words."""
+    return fragment_scores(img_frag, img_mask, txt_frag, txt_mask, "max", word_reduce)
 
-    The pair-joint similarity of fragment (`score`) models: one matmul over all region-word pairs,
-    memory Ni*R*Nt*T (the caller bounds Ni x Nt through the model's score_block)."""
-    if word_reduce not in ("sum", "mean"):
-        raise ValueError(f"word_reduce must be sum or mean, got {word_reduce!r}")
-    r = F.normalize(img_frag, dim=-1)
-    c = F.normalize(txt_frag, dim=-1)
-    ni, nr = r.shape[:2]
-    nt, nw = c.shape[:2]
-    sim = (r.reshape(ni * nr, -1) @ c.reshape(nt * nw, -1).T).view(ni, nr, nt, nw)
-    best = sim.masked_fill(~img_mask[:, :, None, None], float("-inf")).amax(1)  # (Ni, Nt, T)
-    best = best.masked_fill(~txt_mask[None], 0.0).sum(-1)
+
+def pair_fragment_scores(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_frag: torch.Tensor,
+                         txt_mask: torch.Tensor, region_reduce: str = "max", word_reduce: str = "sum",
+                         normalized: bool = False) -> torch.Tensor:
+    """(P,) scores of aligned pairs img[p], txt[p] (the diagonal of `fragment_scores`), by one bmm."""
+    r = img_frag if normalized else unit_fragments(img_frag, img_mask)
+    c = txt_frag if normalized else unit_fragments(txt_frag, txt_mask)
+    sim = torch.bmm(r, c.transpose(1, 2))  # (P, R, T)
+    if region_reduce == "max":
+        best = sim.masked_fill(~img_mask[:, :, None], float("-inf")).amax(1)
+        best = best.masked_fill(~img_mask.any(1)[:, None], 0.0)
+    else:
+        best = sim.sum(1)
+    out = best.masked_fill(~txt_mask, 0.0).sum(-1)
     if word_reduce == "mean":
-        best = best / txt_mask.sum(1).clamp(min=1)[None, :]
-    return best
+        out = out / txt_mask.sum(1).clamp(min=1)
+    return out
