@@ -189,6 +189,12 @@ class SearchIndex:
         return len(found)
 
     # ------------------------------------------------------------------ searching
+    def warm(self) -> None:
+        """Load encodings and vector indexes now, so concurrent searches only read them (the server)."""
+        for side in SIDES:
+            self._side(side)
+            self._vector_index(side)
+
     def _side(self, side: str) -> tuple[np.ndarray, Encoding | None, dict]:
         if side not in self._cache:
             ids, enc = self.store.load_encodings(side)

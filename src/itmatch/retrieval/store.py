@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 import uuid
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class Store:
         # only in the single-threaded commands.
         self.db = sqlite3.connect(self.folder / DB, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
+        self.lock = threading.Lock()  # one statement at a time on the shared connection
         self.db.executescript(SCHEMA)
         self._drop_orphan_chunks()
 
@@ -118,7 +120,8 @@ class Store:
         return int(self.db.execute(sql, args).fetchone()[0])
 
     def get(self, item_id: int) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM items WHERE id = ?", (int(item_id),)).fetchone()
+        with self.lock:
+            return self.db.execute("SELECT * FROM items WHERE id = ?", (int(item_id),)).fetchone()
 
     def rows(self, ids) -> dict[int, sqlite3.Row]:
         ids = [int(i) for i in ids]
@@ -126,13 +129,15 @@ class Store:
         for start in range(0, len(ids), 500):
             part = ids[start:start + 500]
             marks = ",".join("?" * len(part))
-            for r in self.db.execute(f"SELECT * FROM items WHERE id IN ({marks})", part):
-                out[int(r["id"])] = r
+            with self.lock:
+                found = self.db.execute(f"SELECT * FROM items WHERE id IN ({marks})", part).fetchall()
+            out.update((int(r["id"]), r) for r in found)
         return out
 
     def find_by_checksum(self, side: str, checksum: str) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM items WHERE side = ? AND checksum = ? AND chunk IS NOT NULL "
-                               "ORDER BY id LIMIT 1", (side, checksum)).fetchone()
+        with self.lock:
+            return self.db.execute("SELECT * FROM items WHERE side = ? AND checksum = ? AND chunk IS NOT NULL "
+                                   "ORDER BY id LIMIT 1", (side, checksum)).fetchone()
 
     def ids_for_keys(self, keys: list[str]) -> list[tuple[int, str]]:
         found = []
