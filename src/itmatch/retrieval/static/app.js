@@ -33,7 +33,7 @@ async function searchText(event) {
   const body = await response.json();
   body.results.forEach((hit, rank) => {
     const fig = el("figure", { class: "result", "data-key": hit.key, "data-rank": String(rank + 1) });
-    fig.appendChild(el("img", { src: hit.thumbnail, alt: hit.key, loading: "lazy" }));
+    fig.appendChild(el("img", { src: hit.thumbnail, alt: hit.key }));
     const cap = el("figcaption");
     cap.appendChild(el("span", { class: "key", title: hit.key }, hit.key));
     cap.appendChild(el("span", { class: "score" }, hit.score.toFixed(3)));
