@@ -220,3 +220,19 @@ def test_grid_model_indexes_an_image_folder_and_a_table(tiny_scenes, tmp_path):
         expected = model.model.similarity(direct, model.encode_text("a red circle"))[0, 0].item()
     assert {h.caption for h in hits} == {"a red circle", "a blue star"}
     assert any(abs(h.score - expected) < 1e-5 for h in hits)
+
+
+def test_qdrant_local_mode_gives_the_flat_results_and_persists(vse, vse_index, test_collection, tmp_path):
+    items = test_collection.items
+    removed = [it.key for it in items if it.side == "image"][:2]
+    index = build(vse, Collection(items[:100], "a"), tmp_path / "q", backend="qdrant", progress=False)
+    index.add(Collection(items[100:], "b"), progress=False)
+    assert (tmp_path / "q" / "qdrant").is_dir() and not list((tmp_path / "q").glob("*.faiss"))
+    assert results(index) == results(vse_index)
+    index.remove(removed)
+    after = results(index)
+    index.close()
+    reopened = SearchIndex(tmp_path / "q")
+    assert results(reopened) == after
+    assert all(h.key not in removed for q in QUERIES for h in reopened.search_text(q, 40))
+    reopened.close()

@@ -14,7 +14,6 @@ a key in the manifest (`--backend`):
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +35,10 @@ class VectorIndex(Protocol):
         ...
 
     def save(self) -> None: ...
+
+    def reset(self) -> None:
+        """Drop every vector (a build puts them all in again)."""
+        ...
 
     def __len__(self) -> int: ...
 
@@ -160,6 +163,10 @@ class FaissIndex:
             return
         self.index.remove_ids(faiss.IDSelectorBatch(ids))
 
+    def reset(self) -> None:
+        self.index = None
+        self.path.unlink(missing_ok=True)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.index is None or self.index.ntotal == 0:
@@ -180,21 +187,38 @@ class FaissIndex:
         return 0 if self.index is None else int(self.index.ntotal)
 
 
+_QDRANT_CLIENTS: dict[str, object] = {}  # local mode locks its folder: one client per folder, shared
+
+
 class QdrantIndex:
-    """A Qdrant collection through qdrant-client: local mode in `folder` (no server), or a server by url."""
+    """A Qdrant collection through qdrant-client: local mode in `folder` (no server), or a server by url.
+
+    Collections are named `<prefix><side>`; `prefix` (a `prefix=` parameter) keeps several indexes
+    apart on one server."""
 
     def __init__(self, folder: Path, name: str, dim: int, spec: str = "qdrant"):
         from qdrant_client import QdrantClient, models
 
         _, params = parse_spec(spec)
-        unknown = set(params) - {"url"}
+        unknown = set(params) - {"url", "prefix"}
         if unknown:
-            raise ItmatchError(f"backend {spec!r}: unknown parameter {sorted(unknown)[0]!r} (known: url)")
-        self.models, self.dim, self.name = models, int(dim), name
-        self.client = QdrantClient(url=params["url"]) if "url" in params else QdrantClient(path=str(folder))
-        if not self.client.collection_exists(name):
+            raise ItmatchError(f"backend {spec!r}: unknown parameter {sorted(unknown)[0]!r} (known: url, prefix)")
+        self.models, self.dim, self.name = models, int(dim), params.get("prefix", "") + name
+        self.key = params.get("url") or str(Path(folder).resolve())
+        if self.key not in _QDRANT_CLIENTS:
+            _QDRANT_CLIENTS[self.key] = QdrantClient(url=params["url"]) if "url" in params \
+                else QdrantClient(path=str(folder))
+        self.client = _QDRANT_CLIENTS[self.key]
+        self._create()
+
+    def _create(self) -> None:
+        if not self.client.collection_exists(self.name):
             self.client.create_collection(
-                name, vectors_config=models.VectorParams(size=self.dim, distance=models.Distance.DOT))
+                self.name, vectors_config=self.models.VectorParams(size=self.dim, distance=self.models.Distance.DOT))
+
+    def reset(self) -> None:
+        self.client.delete_collection(self.name)
+        self._create()
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, batch: int = 1024) -> None:
         for start in range(0, len(ids), batch):
@@ -219,7 +243,9 @@ class QdrantIndex:
         pass  # every call is persisted by the client
 
     def close(self) -> None:
-        self.client.close()
+        client = _QDRANT_CLIENTS.pop(self.key, None)
+        if client is not None:
+            client.close()
 
     def __len__(self) -> int:
         return int(self.client.count(self.name, exact=True).count)
@@ -232,6 +258,3 @@ def open_index(folder: Path, name: str, dim: int, spec: str):
         return QdrantIndex(folder / "qdrant", name, dim, spec)
     return FaissIndex(folder / f"{name}.faiss", dim, spec)
 
-
-def describe(index) -> str:
-    return json.dumps({"type": type(index).__name__, "vectors": len(index)})

@@ -148,11 +148,9 @@ class SearchIndex:
             dims[side] = int(vecs.shape[1])
             if self.kind == "set":
                 set_sizes[side] = self._set_size(enc)
-            if fresh:
-                for path in (self.folder / f"{side}.faiss",):
-                    path.unlink(missing_ok=True)
-                self._vindex.pop(side, None)
             index = self._vector_index(side, dims[side])
+            if fresh:
+                index.reset()
             index.remove(vids)  # idempotent: a rerun of an interrupted add never duplicates a vector
             index.add(vids, vecs)
             index.save()
