@@ -108,14 +108,15 @@ def main() -> None:
         same = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(results[name][1], ref_ids)])
         print(f"  {name:40s} {min(times[name]) * 1000:9.1f} ms  {args.queries / min(times[name]):8.1f} q/s  "
               f"x{min(times[name]) / min(times[tuned]):.2f} of tuned faiss  (same top-{args.k}: {same:.3f})")
-    del xb_t, q_t, xb
+    arms.clear()
+    xb_t = q_t = xb = None
     faiss.cvar.distance_compute_blas_threshold = 20
 
     # IVF: exact ground truth first, then the flat index is dropped before the IVF one is filled
     qi = queries(args.ivf_queries, args.dim, seed=2)
     truth = ours.search(qi, args.k)[1]
     ours.reset()
-    del ours, flat
+    ours = flat = None
     gc.collect()
     ivf = FaissIndex(tmp / "ivf.faiss", args.dim, f"ivf:nlist={args.nlist},nprobe=1")
     t0 = time.perf_counter()
