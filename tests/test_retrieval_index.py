@@ -4,6 +4,7 @@ search against an exhaustive scoring by the evaluation engine (an independent pa
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -204,9 +205,12 @@ def test_cli_build_search_json_and_errors(vse, tiny_scenes, tmp_path, capsys):
 
 def test_grid_model_indexes_an_image_folder_and_a_table(tiny_scenes, tmp_path):
     model = ModelHandle(save_random_model(tiny_scenes, tmp_path / "grid", image_kind="grid"))
-    folder = tiny_scenes / "images" / "test"
-    index = build(model, read_collection(folder), tmp_path / "ix", batch_size=16, progress=False)
-    assert index.store.count("image") == len(list(folder.glob("*.png")))
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, src in enumerate(sorted((tiny_scenes / "images" / "test").glob("*.png"))[:6]):
+        shutil.copy(src, folder / ("sub" if i % 2 else "") / src.name)
+    index = build(model, read_collection(folder), tmp_path / "ix", batch_size=4, progress=False)
+    assert index.store.count("image") == 6 and index.store.find_by_checksum("image", "x") is None
     table = tmp_path / "t.jsonl"
     table.write_text("\n".join(json.dumps(r) for r in [
         {"image": str(folder / "scene-test-000000.png"), "caption": "a red circle"},
@@ -222,13 +226,16 @@ def test_grid_model_indexes_an_image_folder_and_a_table(tiny_scenes, tmp_path):
     assert any(abs(h.score - expected) < 1e-5 for h in hits)
 
 
-def test_qdrant_local_mode_gives_the_flat_results_and_persists(vse, vse_index, test_collection, tmp_path):
-    items = test_collection.items
-    removed = [it.key for it in items if it.side == "image"][:2]
-    index = build(vse, Collection(items[:100], "a"), tmp_path / "q", backend="qdrant", progress=False)
-    index.add(Collection(items[100:], "b"), progress=False)
+def test_qdrant_local_mode_gives_the_flat_results_and_persists(vse, test_collection, tmp_path):
+    # local mode commits every point to its SQLite file: a small collection keeps the test fast
+    images = [it for it in test_collection.items if it.side == "image"]
+    items = images + [it for it in test_collection.items if it.side == "caption"][:40]
+    removed = [images[0].key, images[1].key]
+    flat = build(vse, Collection(items, "all"), tmp_path / "flat", progress=False)
+    index = build(vse, Collection(items[:50], "a"), tmp_path / "q", backend="qdrant", progress=False)
+    index.add(Collection(items[50:], "b"), progress=False)
     assert (tmp_path / "q" / "qdrant").is_dir() and not list((tmp_path / "q").glob("*.faiss"))
-    assert results(index) == results(vse_index)
+    assert results(index) == results(flat)
     index.remove(removed)
     after = results(index)
     index.close()
