@@ -165,6 +165,11 @@ def test_set_and_score_search_with_full_candidates_is_exhaustive(method, tiny_sc
         few = index.search_text(q, 5, candidates=3)  # a shortlist: scores are still the exact ones
         exact = dict(zip(keys, scores))
         assert all(abs(exact[h.key] - h.score) < 1e-5 for h in few if h.key in exact)
+    keys, _ = exhaustive_top(model, tiny_scenes, QUERIES[0], k=11)
+    before = len(index._vector_index("image"))
+    index.remove([keys[0]])  # every element (set) or the pooled vector (score) of the item goes
+    assert before - len(index._vector_index("image")) == (3 if method == "toy_set" else 1)
+    assert [h.key for h in index.search_text(QUERIES[0], 10, candidates=n_vectors)] == keys[1:]
 
 
 @pytest.mark.parametrize("backend", ["ivf:nlist=4,nprobe=4", "hnsw:m=8,ef_search=64"])

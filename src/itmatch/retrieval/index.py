@@ -227,6 +227,8 @@ class SearchIndex:
             raise ItmatchError("k must be >= 1")
         n = candidates if candidates is not None else (k if self.kind == "global" else max(100, 10 * k))
         ids = self.candidates(side, query, max(n, k))
+        live = self._side(side)[2]
+        ids = ids[np.fromiter((int(i) in live for i in ids), bool, len(ids))]  # vectors of removed items
         if len(ids) == 0:
             return []
         scores = self.rerank(side, query, ids)
