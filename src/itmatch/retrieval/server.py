@@ -72,7 +72,9 @@ def create_app(index, workers: int = 4, max_image_bytes: int = MAX_IMAGE_BYTES):
         return JSONResponse({"detail": "invalid request", "errors": errors}, status_code=422)
 
     def hits_json(hits):
-        return {"results": [{**h.to_dict(), "path": None, "thumbnail": f"/items/{h.id}/thumbnail"}
+        # image hits name their thumbnail URL, never the server's file path
+        return {"results": [{"id": h.id, "key": h.key, "score": round(h.score, 6),
+                             "thumbnail": f"/items/{h.id}/thumbnail" if h.path else None}
                             if h.side == "image" else h.to_dict() for h in hits]}
 
     @app.post("/search/text", summary="images for a sentence",
