@@ -195,6 +195,8 @@ def test_cli_build_search_json_and_errors(vse, tiny_scenes, tmp_path, capsys):
         (["search", str(out), "--text", "x", "--image", "y"], "exactly one of"),
         (["search", str(out), "--text", "x", "-k", "0"], "-k must be"),
         (["search", str(tmp_path), "--text", "x"], "not an itmatch index"),
+        (["serve", str(tmp_path)], "not an itmatch index"),
+        (["serve", str(out), "--port", "0"], "--port must be"),
         (["index", "build", str(vse.checkpoint), str(tiny_scenes), "--out", str(tmp_path / "user")], "not an itmatch"),
         (["index", "build", str(vse.checkpoint), str(tiny_scenes), "--out", str(tmp_path / "b"),
           "--backend", "ivf:x=1"],
