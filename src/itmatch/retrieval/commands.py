@@ -9,7 +9,9 @@ from itmatch.errors import ItmatchError
 
 
 def _progress(args) -> bool:
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+    if getattr(args, "batch_size", 1) < 1:
+        raise ItmatchError("--batch-size must be >= 1")
+    return sys.stderr.isatty()
 
 
 def cmd_index_build(args) -> int:
@@ -17,9 +19,10 @@ def cmd_index_build(args) -> int:
     from itmatch.retrieval.encoder import ModelHandle
     from itmatch.retrieval.index import build
 
+    progress = _progress(args)
     model = ModelHandle(args.model, args.device)
     collection = read_collection(args.collection, args.split)
-    index = build(model, collection, args.out, args.backend, args.batch_size, _progress(args))
+    index = build(model, collection, args.out, args.backend, args.batch_size, progress)
     m = index.store.manifest
     print(f"index {args.out}: {m['items']['image']} images, {m['items']['caption']} captions, "
           f"model kind {m['kind']}, backend {m['backend']}")
