@@ -128,7 +128,57 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--size", choices=["tiny", "small", "default"], default="small",
                     help="scenes preset (small keeps the whole demo within ~4 minutes on 2 CPU cores)")
     de.set_defaults(func=_handler("itmatch.demo:cmd_demo"))
+
+    _add_search_commands(sub)
     return p
+
+
+def _add_search_commands(sub) -> None:
+    """`index build|add|remove`, `search`, `serve` (retrieval/)."""
+    ix = sub.add_parser("index", help="encode a collection into a search index; add or remove items")
+    isub = ix.add_subparsers(dest="index_command", metavar="INDEX_COMMAND")
+    isub.required = True
+    b = isub.add_parser("build", help="encode a collection with a trained model into a new index folder")
+    b.add_argument("model", metavar="RUN_OR_CKPT")
+    b.add_argument("collection", help="a folder of images, a .csv/.jsonl of image and/or caption, or a precomp folder")
+    b.add_argument("--out", required=True, help="index folder (new, or an interrupted build to resume)")
+    b.add_argument("--split", default=None, help="precomp split to index (default: test when the folder has one)")
+    b.add_argument("--backend", default="flat",
+                   help="flat | ivf[:nlist=N,nprobe=P] | hnsw[:m=M,ef_search=E] | qdrant[:url=URL] | auto")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=_handler("itmatch.retrieval.commands:cmd_index_build"))
+    a = isub.add_parser("add", help="encode more items into an index (no rebuild)")
+    a.add_argument("index")
+    a.add_argument("collection")
+    a.add_argument("--split", default=None)
+    a.add_argument("--model", default=None, help="default: the checkpoint the index was built with")
+    a.add_argument("--batch-size", type=int, default=64)
+    a.set_defaults(func=_handler("itmatch.retrieval.commands:cmd_index_add"))
+    r = isub.add_parser("remove", help="remove items from an index by key (no rebuild)")
+    r.add_argument("index")
+    r.add_argument("keys", nargs="+", metavar="KEY", help="item keys (relative image path, image or caption id)")
+    r.add_argument("--model", default=None)
+    r.set_defaults(func=_handler("itmatch.retrieval.commands:cmd_index_remove"))
+
+    s = sub.add_parser("search", help="search an index with a sentence (-> images) or an image (-> captions)")
+    s.add_argument("index")
+    s.add_argument("--text", default=None)
+    s.add_argument("--image", default=None, metavar="PATH")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--candidates", type=int, default=None,
+                   help="first-stage shortlist re-ranked exactly (set/score models; default max(100, 10k))")
+    s.add_argument("--json", action="store_true", help="JSON lines {id, key, score, path | caption}")
+    s.add_argument("--model", default=None, help="default: the checkpoint the index was built with")
+    s.set_defaults(func=_handler("itmatch.retrieval.commands:cmd_search"))
+
+    sv = sub.add_parser("serve", help="HTTP API and web page over an index (FastAPI + uvicorn)")
+    sv.add_argument("index")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model", default=None)
+    sv.add_argument("--workers", type=int, default=4, help="inference threads")
+    sv.set_defaults(func=_handler("itmatch.retrieval.server:cmd_serve"))
 
 
 def main(argv: list[str] | None = None) -> int:

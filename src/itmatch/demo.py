@@ -63,7 +63,27 @@ def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: i
     print(format_report(report))
     print(f"report: {out / 'report.html'} | JSON: {out / 'test_report.json'} | "
           f"total {report['timings_s']['total']:.0f}s (data {t_data:.0f}s, training {t_train:.0f}s)")
+    _demo_search(out / "best", data, out / "index", split)
     return report
+
+
+def _demo_search(checkpoint: Path, data: Path, index_dir: Path, split) -> None:
+    """Index the test images and captions with the trained model and run one text query."""
+    from itmatch.retrieval.collection import read_collection
+    from itmatch.retrieval.commands import format_table
+    from itmatch.retrieval.encoder import ModelHandle
+    from itmatch.retrieval.index import build
+
+    t0 = time.perf_counter()
+    index = build(ModelHandle(checkpoint), read_collection(data, "test"), index_dir, batch_size=256, progress=False)
+    query = split.captions[0]
+    hits = index.search_text(query, 5)
+    index.close()
+    truth = split.image_ids[int(split.caption_to_image[0])]
+    print(f"search index of the test split: {index_dir} ({time.perf_counter() - t0:.1f}s)")
+    print(f'top 5 images for "{query}" (its image: {truth}):')
+    print(format_table(hits))
+    print(f"serve it: itmatch serve {index_dir}   (web page and API on http://127.0.0.1:8000/)")
 
 
 def cmd_demo(args) -> int:
