@@ -2,7 +2,9 @@
 
 A checkpoint is a folder:
     model.safetensors      the model's weights (no objective, no optimizer: what inference needs)
-    config.json            the fully resolved config, the method name and the itmatch version
+    config.json            the fully resolved config, the method name, the itmatch version and the
+                           manifest: size and sha256 of model.safetensors and training_state.pt,
+                           checked on every load so a damaged checkpoint is named, never half-loaded
     tokenizer/             the tokenizer, so a checkpoint is self-contained
     training_state.pt      optional: optimizer, scheduler, objective, position in the run, RNG states;
                            plain tensors and numbers, loaded with weights_only=True
@@ -12,6 +14,7 @@ a half-written checkpoint under the real name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -23,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from itmatch.config import Config, config_from_dict
 from itmatch.errors import ItmatchError
-from itmatch.files import replace_dir
+from itmatch.files import follow_umask, replace_dir
 from itmatch.version import __version__
 
 WEIGHTS = "model.safetensors"
@@ -40,15 +43,50 @@ def save_pretrained(model, tokenizer, cfg: Config, folder: str | Path, training_
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"itmatch_version": __version__})
         meta = {"itmatch_version": __version__, "method": cfg.model.method, "config": cfg.to_dict()}
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         tokenizer.save(tmp / TOKENIZER)
         if training_state is not None:
             torch.save(training_state, tmp / STATE)
+        meta["files"] = {name: _fingerprint(tmp / name) for name in (WEIGHTS, STATE) if (tmp / name).is_file()}
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        follow_umask(tmp)
         replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _fingerprint(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify_checkpoint(folder: str | Path, training_state: bool = False) -> None:
+    """Raise `ItmatchError` naming what is wrong when a checkpoint's files are missing or differ from its
+    manifest. Checkpoints written before the manifest existed are only checked for presence."""
+    folder = Path(folder)
+    path = folder / CONFIG
+    if not path.is_file():
+        raise ItmatchError(f"not a checkpoint: {folder} has no {CONFIG}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8")).get("files", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ItmatchError(f"corrupt checkpoint config {path}: {exc}") from None
+    for name in (WEIGHTS, STATE) if training_state else (WEIGHTS,):
+        file = folder / name
+        if not file.is_file():
+            raise ItmatchError(f"corrupt checkpoint {folder}: {name} is missing")
+        want = manifest.get(name)
+        if want is None:
+            continue
+        if file.stat().st_size != want["bytes"]:
+            raise ItmatchError(f"corrupt checkpoint {folder}: {name} has {file.stat().st_size} bytes, "
+                               f"its manifest says {want['bytes']}")
+        if _fingerprint(file)["sha256"] != want["sha256"]:
+            raise ItmatchError(f"corrupt checkpoint {folder}: {name} does not match the checksum in {CONFIG}")
 
 
 def read_checkpoint_config(folder: str | Path) -> Config:
@@ -84,21 +122,10 @@ def from_pretrained(folder: str | Path, device: str | torch.device = "cpu"):
     if not folder.is_dir():
         raise ItmatchError(f"checkpoint not found: {folder}")
     cfg = read_checkpoint_config(folder)
-    if not (folder / WEIGHTS).is_file():
-        raise ItmatchError(f"corrupt checkpoint {folder}: {WEIGHTS} is missing")
+    verify_checkpoint(folder)
     tokenizer = load_tokenizer(folder / TOKENIZER)
     model = build_model(cfg, tokenizer)
-    try:
-        state = load_file(str(folder / WEIGHTS), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ItmatchError(f"corrupt checkpoint {folder / WEIGHTS}: {exc}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise ItmatchError(
-            f"checkpoint {folder} does not match its config: {' '.join(first[:2])[:300]}"
-        ) from None
+    load_weights(model, folder)
     return model.to(device).eval(), tokenizer, cfg
 
 
@@ -124,4 +151,18 @@ def load_training_state(folder: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise ItmatchError(f"corrupt training state {path}: {str(exc).splitlines()[0][:200]}") from None
+        raise ItmatchError(f"corrupt training state {path}: {str(exc).strip()}") from None
+
+
+def load_weights(model, folder: str | Path) -> None:
+    """Load `folder`'s model.safetensors into `model` (strict), every failure as one `ItmatchError`."""
+    folder = Path(folder)
+    try:
+        state = load_file(str(folder / WEIGHTS), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ItmatchError(f"corrupt checkpoint {folder / WEIGHTS}: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ItmatchError(f"checkpoint {folder} does not match its config: {' '.join(first[:2])}") from None

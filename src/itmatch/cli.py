@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from itmatch.errors import ItmatchError
+from itmatch.errors import ItmatchError, user_message
 from itmatch.version import __version__
 
 
@@ -26,6 +26,17 @@ def _handler(target: str):
     return run
 
 
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    def positive(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        return int(text)
+
+    parser.add_argument("--threads", type=positive, default=None, metavar="N",
+                        help="CPU threads for torch (default: OMP_NUM_THREADS, else the CPUs this process may use: "
+                             "affinity and cgroup quota); give each of several concurrent runs its share")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="itmatch", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"itmatch {__version__}")
@@ -37,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     dsub.required = True
 
-    insp = dsub.add_parser("inspect", help="validate a SCAN precomp folder and print a summary")
-    insp.add_argument("dir", help="folder with {split}_ims.npy, {split}_caps.txt, ...")
+    insp = dsub.add_parser("inspect", help="validate a data folder (precomp, or images + CSV/JSONL) and summarise it")
+    insp.add_argument("dir", help="folder with {split}_ims.npy, {split}_caps.txt, ...; or with {split}.csv / "
+                                  "{split}.jsonl tables of image,caption; or one such table")
     insp.add_argument("--split", action="append", default=None,
                       help="split to inspect (repeatable; default: every split found)")
     insp.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -79,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--nproc", type=int, default=None, metavar="N",
                     help="train on N processes of this machine (torchrun --standalone; docs/distributed.md)")
     tr.set_defaults(func=_handler("itmatch.training.commands:cmd_train"))
+    _threads_option(tr)
 
     ev = sub.add_parser("eval", help="evaluate a trained run or checkpoint")
     ev.add_argument("checkpoint", help="run folder (uses its best checkpoint) or checkpoint folder")
@@ -94,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shortlist", type=int, default=None, metavar="K",
                     help="score exactly only each query's top-K candidates of a mean-pooled first stage (score models)")
     ev.set_defaults(func=_handler("itmatch.evaluation.commands:cmd_eval"))
+    _threads_option(ev)
 
     cp = sub.add_parser("compare", help="train configs x seeds on one budget; intervals and paired differences")
     cp.add_argument("configs", nargs="*", metavar="CONFIG", help="configs to compare (labelled by file name)")
@@ -120,14 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     cp.add_argument("--device", default="auto", help="training and evaluation device (auto: cuda where present)")
     cp.set_defaults(func=_handler("itmatch.compare.command:cmd_compare"))
+    _threads_option(cp)
 
     de = sub.add_parser("demo", help="generate scenes, train the baseline, evaluate, write a report")
     de.add_argument("--out", default="runs/demo", help="run folder")
-    de.add_argument("--data", default=None, help="scenes cache folder (default .cache/scenes-default)")
+    de.add_argument("--data", default=None,
+                    help="scenes data folder (default $ITMATCH_CACHE/scenes-SIZE-seed0, ITMATCH_CACHE defaulting "
+                         "to .cache: .cache/scenes-small-seed0 for the default --size)")
+    de.add_argument("--force", action="store_true", help="replace the folder of an earlier demo at --out")
     de.add_argument("--epochs", type=int, default=None, help="override the demo's epoch budget")
     de.add_argument("--size", choices=["tiny", "small", "default"], default="small",
                     help="scenes preset (small keeps the whole demo within ~4 minutes on 2 CPU cores)")
     de.set_defaults(func=_handler("itmatch.demo:cmd_demo"))
+    _threads_option(de)
 
     _add_search_commands(sub)
     return p
@@ -185,12 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "threads"):  # commands that run torch models
+            from itmatch.threads import configure_threads
+
+            configure_threads(args.threads)
         result = args.func(args)
     except ItmatchError as exc:
-        print(f"itmatch: error: {exc}", file=sys.stderr)
+        print(f"itmatch: error: {user_message(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("itmatch: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # training's says where it saved and how to resume
+        print(f"itmatch: {exc}" if str(exc) else "itmatch: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `itmatch ... | head`: stop quietly

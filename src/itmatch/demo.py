@@ -19,17 +19,27 @@ from itmatch.files import atomic_write_text
 MARKER = "demo.json"
 
 
-def _claim_run_dir(out: Path) -> None:
-    """A folder from an earlier demo is replaced; any other non-empty folder is left alone."""
+def _check_run_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ItmatchError(f"--out {out} is a file: choose a folder")
+    if out.is_dir() and any(out.iterdir()) and (not (out / MARKER).is_file() or not force):
+        _claim_run_dir(out, force)  # raises the matching refusal
+
+
+def _claim_run_dir(out: Path, force: bool = False) -> None:
+    """An earlier demo is replaced only with `force`; any other non-empty folder is never touched."""
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise ItmatchError(f"{out} exists and was not written by `itmatch demo`: choose another --out")
+        if not force:
+            raise ItmatchError(f"{out} holds an earlier demo: pass --force to replace it, or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / MARKER, json.dumps({"started": time.time()}) + "\n")
 
 
-def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: int | None = None) -> dict:
+def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: int | None = None,
+             force: bool = False) -> dict:
     from itmatch.data.scenes import generate_scenes, preset_sizes
     from itmatch.data.setup import scenes_cache_dir
     from itmatch.evaluation.commands import evaluate_checkpoint
@@ -37,6 +47,7 @@ def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: i
     from itmatch.evaluation.report import format_report, write_report
     from itmatch.training.loop import Trainer
 
+    _check_run_dir(out, force)  # refuse before minutes of data generation, not after
     t0 = time.perf_counter()
     data = data or scenes_cache_dir(size)
     n_train, n_dev, n_test = preset_sizes(size)
@@ -44,11 +55,11 @@ def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: i
     generate_scenes(data, seed=0, n_train=n_train, n_dev=n_dev, n_test=n_test)
     t_data = time.perf_counter() - t0
 
-    overrides = [f"data.root={data}"]
+    overrides = [f"data.root={data}", "train.log_every_steps=5"]  # enough points for a smoothed loss curve
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
     cfg = load_config(PACKAGED_CONFIGS / "vse_scenes.yaml", overrides)
-    _claim_run_dir(out)
+    _claim_run_dir(out, force)
     print(f"[2/3] training vse for {cfg.train.epochs} epochs -> {out}", flush=True)
     Trainer(cfg, out).fit()
     t_train = time.perf_counter() - t0 - t_data
@@ -58,8 +69,13 @@ def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: i
     report["timings_s"] = {"data": round(t_data, 1), "train": round(t_train, 1),
                            "total": round(time.perf_counter() - t0, 1)}
     write_report(report, out / "test_report.json")
+    from itmatch.training.plots import plot_loss_terms
+
+    plot_loss_terms(out, out / "curves.png", switch_epoch=cfg.loss.sum_warmup_epochs, label="vse")
     write_html_report(out / "report.html", report, scores.dense(), split, curves_png=out / "curves.png",
-                      title="itmatch demo: VSE-infinity on scenes")
+                      title="itmatch demo: VSE-infinity on scenes",
+                      links=[("config (config.yaml)", "config.yaml"), ("JSON report (test_report.json)",
+                                                                       "test_report.json")])
     print(format_report(report))
     print(f"report: {out / 'report.html'} | JSON: {out / 'test_report.json'} | "
           f"total {report['timings_s']['total']:.0f}s (data {t_data:.0f}s, training {t_train:.0f}s)")
@@ -87,5 +103,6 @@ def _demo_search(checkpoint: Path, data: Path, index_dir: Path, split) -> None:
 
 
 def cmd_demo(args) -> int:
-    run_demo(out=Path(args.out), data=Path(args.data) if args.data else None, size=args.size, epochs=args.epochs)
+    run_demo(out=Path(args.out), data=Path(args.data) if args.data else None, size=args.size, epochs=args.epochs,
+             force=getattr(args, "force", False))
     return 0

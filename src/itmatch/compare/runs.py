@@ -139,7 +139,9 @@ def ensure_trained(run: Run, say: Callable[[str], None], device: str | None = No
         else:
             say(f"{run.name}: training")
     t0 = time.perf_counter()
-    result = Trainer(cfg, run_dir, resume=resume, echo=False).fit()
+    trainer = Trainer(cfg, run_dir, resume=resume, echo=False)
+    trainer.resume_hint = "the same itmatch compare command (it resumes interrupted runs)"
+    result = trainer.fit()
     seconds = time.perf_counter() - t0
     record = {"best_dev_rsum": float(result["best_rsum"]), "steps": int(result["steps"]),
               "train_s": round(seconds, 2), "resumed": resume is not None}

@@ -1,4 +1,5 @@
-"""`itmatch data inspect DIR`: validate a SCAN precomp folder and summarise each split.
+"""`itmatch data inspect DIR`: validate a SCAN precomp folder, or image files with caption tables
+(`{split}.csv` / `{split}.jsonl` in DIR, or one table given as the path), and summarise each split.
 
 Loading goes through `load_split`, so every format error is the same `ItmatchError` training would
 raise. Features stay memory-mapped; the NaN/inf scan streams them in bounded chunks.
@@ -102,14 +103,83 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _table_splits(path: Path, wanted: list[str] | None) -> list[tuple[str, Path, str | None]]:
+    """(split name, table file, split to select in it or None) for a table folder or one table file."""
+    if path.is_file():
+        from itmatch.data.captions import _read_table_rows
+
+        rows = _read_table_rows(path)
+        names = sorted({str(r["split"]) for r in rows if "split" in r}) if rows and "split" in rows[0] else []
+        if not names:
+            return [(path.stem, path, None)]
+        return [(name, path, name) for name in (wanted or names)]
+    tables = {p.stem: p for ext in ("csv", "jsonl") for p in sorted(path.glob(f"*.{ext}")) if p.is_file()}
+    names = wanted or sorted(tables)
+    missing = [n for n in names if n not in tables]
+    if missing:
+        raise ItmatchError(f"{path} has no {missing[0]}.csv or {missing[0]}.jsonl")
+    return [(name, tables[name], None) for name in names]
+
+
+def inspect_table(name: str, table: Path, select: str | None) -> dict:
+    """A JSON-ready summary of a caption table; every image file is checked to exist and to open as
+    an image (its header only), so a bad file fails here rather than mid-epoch."""
+    from PIL import Image, UnidentifiedImageError
+
+    from itmatch.data.captions import load_table
+
+    data = load_table(table, split=select)
+    sizes: dict[str, int] = {}
+    for path in data.image_paths:
+        try:
+            with Image.open(path) as im:
+                key = f"{im.format} {im.width}x{im.height}"
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ItmatchError(f"{path} (named in {table}) is not a readable image: {exc}") from None
+        sizes[key] = sizes.get(key, 0) + 1
+    words = np.array([len(c.split()) for c in data.captions], dtype=np.int64)
+    counts = np.bincount(data.caption_to_image, minlength=data.n_images)
+    return {"split": name, "table": str(table), "n_images": data.n_images, "n_captions": data.n_captions,
+            "captions_per_image": {"min": int(counts.min()), "max": int(counts.max())},
+            "caption_words": {"min": int(words.min()), "mean": round(float(words.mean()), 2), "max": int(words.max())},
+            "image_formats": dict(sorted(sizes.items(), key=lambda kv: -kv[1])[:5])}
+
+
+def format_table_summary(s: dict) -> str:
+    per = s["captions_per_image"]
+    per_text = str(per["min"]) if per["min"] == per["max"] else f"{per['min']}-{per['max']}"
+    w = s["caption_words"]
+    formats = ", ".join(f"{n}x {k}" for k, n in s["image_formats"].items())
+    return "\n".join([
+        f"split {s['split']}: {s['n_images']} images, {s['n_captions']} captions ({per_text} per image) "
+        f"from {s['table']}",
+        f"  images     every file exists and opens: {formats}",
+        f"  captions   words min {w['min']} / mean {w['mean']} / max {w['max']}",
+    ])
+
+
 def cmd_inspect(args) -> int:
     """Exit 0 when every split is valid, 1 when features hold NaN/inf; bad folders raise (exit 2)."""
     root = Path(args.dir)
-    if not root.is_dir():
+    if root.is_file() and root.suffix.lower() in (".csv", ".jsonl"):
+        splits = []
+    elif not root.is_dir():
         raise ItmatchError(f"data folder not found: {root}")
-    splits = args.split or find_splits(root)
+    else:
+        splits = args.split or find_splits(root)
     if not splits:
-        raise ItmatchError(f"{root} holds no {{split}}_caps.txt file: not a SCAN precomp folder")
+        tables = _table_splits(root, args.split)
+        if not tables:
+            raise ItmatchError(f"{root} holds no {{split}}_caps.txt file (not a SCAN precomp folder) and no "
+                               "{split}.csv / {split}.jsonl caption tables (see docs/data.md)")
+        summaries = [inspect_table(*t) for t in tables]
+        if args.json:
+            print(json.dumps({"root": str(root), "splits": summaries}, indent=2))
+        else:
+            print(f"{root}")
+            for s in summaries:
+                print(format_table_summary(s))
+        return 0
     summaries = [inspect_split(root, s) for s in splits]
     if args.json:
         print(json.dumps({"root": str(root), "splits": summaries}, indent=2))

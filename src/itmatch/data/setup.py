@@ -63,8 +63,14 @@ def load_configured_split(cfg: DataConfig, split: str, root: Path | None = None,
 
 def check_split_fits(cfg, split: RetrievalSplit, training: bool = False) -> None:
     """One clear error, before any model is built, when the config asks for data the split lacks:
-    region boxes for `model.image.boxes` != none, a relevance matrix for `loss.negatives: relevance`
-    (training splits only). `cfg` is the whole `Config`."""
+    features of another width than `model.image.feature_dim`, region boxes for `model.image.boxes` != none,
+    a relevance matrix for `loss.negatives: relevance` (training splits only). `cfg` is the whole `Config`."""
+    image = cfg.model.image
+    if image.kind == "precomp" and split.features is not None and split.features.shape[-1] != image.feature_dim:
+        name = Path(split.extra.get("features_file", f"{split.name}_ims.npy")).name
+        raise ItmatchError(f"config key 'model.image.feature_dim' is {image.feature_dim} but {name} in {split.root} "
+                           f"holds {split.features.shape[-1]}-dimensional region features: "
+                           f"set model.image.feature_dim={split.features.shape[-1]}")
     boxes = cfg.model.image.boxes
     if boxes != "none" and cfg.model.image.kind == "precomp" and split.boxes is None:
         raise ItmatchError(f"config key 'model.image.boxes' is {boxes} but split '{split.name}' in {split.root} "

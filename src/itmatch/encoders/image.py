@@ -129,7 +129,7 @@ def load_backbone_state(backbone: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise ItmatchError(f"cannot read CNN weights {path}: {str(exc).splitlines()[0][:200]}") from None
+        raise ItmatchError(f"cannot read CNN weights {path}: {str(exc).strip()}") from None
     if not isinstance(state, dict):
         raise ItmatchError(f"CNN weights {path} do not hold a state dict")
     expected = backbone.state_dict()

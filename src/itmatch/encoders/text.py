@@ -151,7 +151,7 @@ class BertTextEncoder(nn.Module):
             self.bert = AutoModel.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
             raise ItmatchError(f"cannot load the transformers model at {path}: "
-                               f"{str(exc).strip().splitlines()[0][:200]}") from None
+                               f"{str(exc).strip()}") from None
         self.proj = nn.Linear(self.bert.config.hidden_size, embed_dim)
         self.freeze = freeze
         if freeze:

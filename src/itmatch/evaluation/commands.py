@@ -19,6 +19,18 @@ def load_sims(path: str | Path) -> np.ndarray:
     if not p.is_file():
         raise ItmatchError(f"similarity file not found: {p}")
     try:
+        with open(p, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise ItmatchError(f"cannot read {p}: {exc.strerror or exc}") from None
+    # np.load falls back to unpickling for anything that is neither .npy nor .npz, and then blames pickle.
+    if magic.startswith(b"\x80"):  # the pickle protocol 2+ opcode
+        raise ItmatchError(f"{p} holds pickled Python objects, not a plain array (e.g. HREM's results dict): "
+                           f"save the matrix itself with np.save(path, sims)")
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK\x03\x04"):
+        raise ItmatchError(f"{p} is not an .npy file (it lacks the NumPy header; a text or CSV file?): "
+                           f"save the matrix with np.save(path, sims)")
+    try:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
         text = str(exc).lower()
@@ -92,7 +104,7 @@ def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol
     import time
 
     from itmatch.checkpoint import from_pretrained
-    from itmatch.data.setup import load_configured_split, resolve_data_root
+    from itmatch.data.setup import check_split_fits, load_configured_split, resolve_data_root
     from itmatch.device import resolve_device
     from itmatch.evaluation.encode import split_scores
     from itmatch.evaluation.protocols import evaluate_sims
@@ -103,6 +115,7 @@ def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol
     data_cfg = replace(cfg.data, root=data) if data else cfg.data
     root = resolve_data_root(data_cfg)
     split_data = load_configured_split(data_cfg, split, root, check_finite=True)
+    check_split_fits(cfg, split_data)  # e.g. features of another width: one line, not a matmul traceback
     t0 = time.perf_counter()
     scores = split_scores(model, split_data, tokenizer, cfg.model, batch_size, dev, shortlist=shortlist)
     if save_sims is not None:

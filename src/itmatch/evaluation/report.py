@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from itmatch.errors import ItmatchError
+from itmatch.files import mkstemp_umask
 from itmatch.version import __version__
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
@@ -124,7 +124,7 @@ def write_report(report: dict, path: str | os.PathLike) -> None:
         raise ItmatchError(f"cannot write the report to {path}: it is a folder")
     text = json.dumps(_plain(report), indent=2, allow_nan=False) + "\n"
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = mkstemp_umask(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise ItmatchError(f"cannot write the report to {path}: {exc.strerror}") from None
     try:

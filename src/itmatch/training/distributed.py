@@ -305,6 +305,9 @@ class NullLog:
     def line(self, text: str) -> None:
         pass
 
+    def progress_due(self) -> bool:
+        return False
+
     def record(self, kind: str, step: int, epoch: int, values: dict) -> None:
         pass
 

@@ -26,13 +26,16 @@ from itmatch.data.setup import check_split_fits, load_configured_split, resolve_
 from itmatch.errors import ItmatchError
 from itmatch.files import atomic_write_text
 from itmatch.objectives.base import StepContext, TrainProgress, call_hooks
+from itmatch.run_lock import RunLock
 from itmatch.training.distributed import Distributed, NullLog, SamplerSync
 from itmatch.training.hooks import NeighbourRefresh
+from itmatch.training.interrupt import StopRequest, TrainingInterrupted
 from itmatch.training.optim import build_optimizer, lr_multiplier, set_learning_rates
+from itmatch.training.resume import find_resumable, resume_command, truncate_metrics
 from itmatch.training.rng import capture_rng, restore_rng
 from itmatch.training.run_log import RunLog
 
-LATEST = "LATEST"
+LATEST = "LATEST"  # the name of the marker file; see training/resume.py
 
 
 def seed_everything(seed: int) -> None:
@@ -42,13 +45,8 @@ def seed_everything(seed: int) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
-    marker = Path(run_dir) / "checkpoints" / LATEST
-    if not marker.is_file():
-        raise ItmatchError(f"nothing to resume: {run_dir} has no checkpoints/{LATEST}")
-    folder = marker.parent / marker.read_text(encoding="utf-8").strip()
-    if not folder.is_dir():
-        raise ItmatchError(f"the latest checkpoint named in {marker} is missing: {folder}")
-    return folder
+    """The newest checkpoint of the run that verifies (see training/resume.py)."""
+    return find_resumable(run_dir)[0]
 
 
 class Trainer:
@@ -56,8 +54,13 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume_from = None
+        self.resume_notes: list[str] = []  # e.g. a damaged latest checkpoint that was skipped
+        self.resume_hint: str | None = None  # how to continue after Ctrl-C, when not `itmatch train --resume`
         if resume is not None:
-            self.resume_from = latest_checkpoint(self.run_dir) if str(resume) == "latest" else Path(resume)
+            if str(resume) == "latest":
+                self.resume_from, self.resume_notes = find_resumable(self.run_dir)
+            else:
+                self.resume_from = Path(resume)
         # One process, or one rank of a torchrun launch (docs/distributed.md); picks the rank's GPU.
         self.dist, self.device = Distributed.from_env(cfg.train.device)
         self.echo = echo
@@ -71,7 +74,8 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         self.data_root = resolve_data_root(cfg.data)
-        self.train_split = load_configured_split(cfg.data, cfg.data.train_split, self.data_root)
+        # The full NaN/inf scan (bounded memory) runs before any run folder exists: bad data leaves nothing behind.
+        self.train_split = load_configured_split(cfg.data, cfg.data.train_split, self.data_root, check_finite=True)
         dev = load_configured_split(cfg.data, cfg.data.dev_split, self.data_root, check_finite=True)
         self.dev_split = take_images(dev, cfg.data.max_dev_images)
         check_split_fits(cfg, self.train_split, training=True)
@@ -148,10 +152,9 @@ class Trainer:
         call_hooks(self.objective, hook, ctx)
 
     def _load_state(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
+        ckpt.verify_checkpoint(folder, training_state=True)
         state = ckpt.load_training_state(folder)
-        self.model.load_state_dict(load_file(str(folder / ckpt.WEIGHTS), device="cpu"))
+        ckpt.load_weights(self.model, folder)
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("sampler") and hasattr(self.sampler, "load_state_dict"):
@@ -206,8 +209,10 @@ class Trainer:
     # ----------------------------------------------------------------------------- the loop
     def _train_step(self, img_batch, txt_batch, progress: TrainProgress) -> dict:
         if img_batch.regions is not None and not torch.isfinite(img_batch.regions).all():
-            bad = img_batch.image_index[~torch.isfinite(img_batch.regions).flatten(1).all(1)].tolist()
-            raise ItmatchError(f"NaN or inf in the region features of training images (rows {bad[:10]})")
+            # A backstop: setup scans the whole file. One image appears once per caption in a batch.
+            bad = sorted(set(img_batch.image_index[~torch.isfinite(img_batch.regions).flatten(1).all(1)].tolist()))
+            name = Path(self.train_split.extra.get("features_file", "the training features")).name
+            raise ItmatchError(f"NaN or inf in rows {', '.join(map(str, bad[:10]))} of {name}")
         img_batch, txt_batch = img_batch.to(self.device), txt_batch.to(self.device)
         autocast = (torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
@@ -238,11 +243,45 @@ class Trainer:
 
     def fit(self) -> dict:
         self._setup()
-        cfg = self.cfg
-        if self.dist.is_main:  # only rank 0 writes the run folder
+        if self.resume_from is not None and (self.step >= self.total_steps or self.epoch >= self.cfg.train.epochs):
+            return {"best_rsum": self.best_rsum, "run_dir": str(self.run_dir), "steps": self.step,
+                    "nothing_to_do": True}
+        # Only now, with config and data checked, does the run folder appear; only rank 0 writes it, and one
+        # process at a time. A graceful Ctrl-C needs every rank to stop at one step: single process only.
+        lock = RunLock(self.run_dir) if self.dist.is_main else contextlib.nullcontext()
+        if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        with lock, StopRequest(enabled=not self.dist.enabled) as stop:
+            self._stop = stop
+            self._lock_note = lock.stale if self.dist.is_main else None
+            try:
+                return self._fit()
+            except ItmatchError as exc:  # the terminal gets one (possibly cut) line; the log keeps it whole
+                if self.dist.is_main:
+                    with open(self.run_dir / "out.log", "a", encoding="utf-8") as f:
+                        f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] error: {exc}\n")
+                raise
+
+    def _interrupted(self, log: RunLog) -> TrainingInterrupted:
+        folder = self.save_checkpoint()
+        msg = (f"interrupted ({self._stop.requested}) at step {self.step}: saved {folder}; "
+               f"continue with: {self.resume_hint or resume_command(self.run_dir)}")
+        log.line(msg)
+        log.close()
+        return TrainingInterrupted(msg)
+
+    def _fit(self) -> dict:
+        cfg = self.cfg
+        log = NullLog()
+        if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", cfg.to_yaml())
-        log = RunLog(self.run_dir, echo=self.echo) if self.dist.is_main else NullLog()
+            if self.resume_from is not None:  # the replayed steps must not be recorded twice
+                truncate_metrics(self.run_dir, self.step)
+            log = RunLog(self.run_dir, echo=self.echo,
+                         purge_step=self.step + 1 if self.resume_from is not None else None)
+        for note in ([f"warning: {self._lock_note}; taking the folder over"] if self._lock_note else []) + \
+                self.resume_notes:
+            log.line(note)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.line(f"method {cfg.model.method} | {n_params / 1e6:.2f}M parameters | device {self.device} | "
                  f"{len(self.dataset)} pairs, {self.total_steps} steps in {cfg.train.epochs} epochs")
@@ -294,6 +333,9 @@ class Trainer:
                             log.line(f"epoch {self.epoch + 1} step {self.step}/{self.total_steps} "
                                      f"loss {terms['loss']:.4f} lr {lr:.2e} {rate:.0f} samples/s")
                         t_window, n_window = time.perf_counter(), 0
+                    elif bar is None and log.progress_due():  # long silences in a log file look like a hang
+                        log.line(f"epoch {self.epoch + 1} step {self.step}/{self.total_steps} "
+                                 f"loss {terms['loss']:.4f}")
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{terms['loss']:.3f}", epoch=self.epoch + 1)
@@ -301,6 +343,8 @@ class Trainer:
                         self.save_checkpoint()
                     if self.step >= self.total_steps:
                         break
+                    if self._stop.requested:  # at the last step the run just finishes instead
+                        raise self._interrupted(log)
                 epoch_done = self.batch_in_epoch >= len(self.sampler)
                 if epoch_done:
                     self.epoch += 1

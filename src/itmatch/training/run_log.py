@@ -12,25 +12,34 @@ import sys
 import time
 from pathlib import Path
 
+from itmatch.progress import progress_seconds
+
 
 class RunLog:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, echo: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, echo: bool = True, purge_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.run_dir / "out.log", "a", encoding="utf-8")
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.interactive = sys.stderr.isatty()
         self.echo = echo
+        self._last_line = time.monotonic()
         self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+                # purge_step: a resumed run drops the events its replayed steps had written
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge_step)
             except ImportError:  # tensorboard is a dependency, but a run must not die without it
                 self.line("tensorboard is not installed: no event files will be written")
 
+    def progress_due(self) -> bool:
+        """True when no line was written for `progress_seconds()`: the loop then logs its position."""
+        return time.monotonic() - self._last_line >= progress_seconds()
+
     def line(self, text: str) -> None:
+        self._last_line = time.monotonic()
         stamped = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}"
         self._log.write(stamped + "\n")
         self._log.flush()

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -167,10 +166,9 @@ def _write_text(path: Path, lines: list[str]) -> None:
 
 
 def _progress_bar(total: int, desc: str, progress: bool | None):
-    from tqdm import tqdm
+    from itmatch.progress import progress_bar
 
-    disable = (not sys.stderr.isatty()) if progress is None else (not progress)
-    return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False)
+    return progress_bar(total, desc, unit="img", enabled=progress)
 
 
 def _graph_record(scene: Scene, row: int, ids: list[str], cols, cap_ids: list[str], first: int, last: int) -> dict:
@@ -400,7 +398,8 @@ def generate_scenes(out_dir, *, seed: int = 0, n_train: int = 5000, n_dev: int =
                     features: bool = True, progress: bool | None = None) -> Path:
     """Generate the scenes benchmark into `out_dir` (or return it unchanged if it already holds it).
 
-    `progress`: None shows tqdm bars only when stderr is a terminal; True / False force them on / off.
+    `progress`: None shows tqdm bars when stderr is a terminal, a line every ~30 s otherwise; True / False
+    force the bars on / off.
     Raises ItmatchError for a non-empty folder that is not this data set (nothing is overwritten).
     """
     return _ensure(out_dir, seed, n_train, n_dev, n_test, features, progress)[0]
