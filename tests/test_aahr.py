@@ -261,3 +261,65 @@ def test_aahr_learns_on_tiny_scenes_and_resume_restores_queues_and_key_encoders(
     final_full, final_cut = full.objective.state_dict(), resumed.objective.state_dict()
     for name in final_full:  # ... and the resumed run ends where the uninterrupted one does
         torch.testing.assert_close(final_cut[name], final_full[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_open_clip_wrapper_with_a_stand_in_module(tmp_path, monkeypatch):
+    """open_clip_torch cannot be imported beside this torch (see docs/methods/aahr.md), so this checks
+    itmatch's side of the loader against a stand-in module with open_clip's three entry points: one
+    instance for both sides, weights read from the given file, pixels brought from the grid path's
+    ImageNet normalisation to CLIP's, features frozen and unit length."""
+    import types
+
+    from itmatch.encoders.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenGlobalEncoders
+
+    class TinyClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Linear(3 * 8 * 8, 6)
+            self.visual.image_size = 8
+            self.words = torch.nn.Embedding(50, 6)
+            self.embed_dim = 6
+
+        def encode_image(self, x):
+            return self.visual(x.flatten(1))
+
+        def encode_text(self, tokens):
+            return self.words(tokens).mean(1)
+
+    torch.manual_seed(0)
+    reference = TinyClip()
+    weights = tmp_path / "tiny_clip.pt"
+    torch.save(reference.state_dict(), weights)
+    built = []
+
+    def create_model(name, pretrained=None, load_weights=True, device="cpu"):
+        model = TinyClip()
+        if load_weights:
+            model.load_state_dict(torch.load(pretrained, weights_only=True))
+        built.append(name)
+        return model
+
+    def get_tokenizer(name):
+        return lambda texts: torch.tensor([[ord(c) % 50 for c in t[:6].ljust(6)] for t in texts])
+
+    stub = types.SimpleNamespace(create_model=create_model, get_tokenizer=get_tokenizer,
+                                 OPENAI_DATASET_MEAN=(0.5, 0.4, 0.3), OPENAI_DATASET_STD=(0.2, 0.25, 0.3))
+    monkeypatch.setitem(sys.modules, "open_clip", stub)
+    enc = FrozenGlobalEncoders("open_clip", "open_clip", feature_dim=12, open_clip_model="tiny",
+                               open_clip_weights=str(weights))
+    assert built == ["tiny"] and enc.image_dim == enc.text_dim == 6  # one model serves both sides
+    assert not list(enc.parameters()) and not enc.state_dict()  # frozen, never in a checkpoint
+    raw = torch.rand(2, 3, 16, 16)
+    pixels = (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    feats = enc.image(ImageBatch(torch.arange(2), pixels=pixels))
+    small = torch.nn.functional.interpolate(raw, size=(8, 8), mode="bicubic", align_corners=False).clamp(0, 1)
+    clip_in = (small - torch.tensor((0.5, 0.4, 0.3)).view(1, 3, 1, 1)) / torch.tensor((0.2, 0.25, 0.3)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(reference.encode_image(clip_in), dim=-1)
+    torch.testing.assert_close(feats, expected, atol=1e-5, rtol=1e-5)
+    texts = ["a red circle", "two stars"]
+    txt = enc.text(TextBatch(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool),
+                             torch.arange(2), torch.arange(2), texts=texts))
+    with torch.no_grad():
+        expected_txt = torch.nn.functional.normalize(reference.encode_text(get_tokenizer("tiny")(texts)), dim=-1)
+    torch.testing.assert_close(txt, expected_txt)
