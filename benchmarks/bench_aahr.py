@@ -7,7 +7,11 @@
   - memory: the momentum (key) encoders, the queues, and the frozen global encoders, which one copy
     serves the model and its momentum copy (the public code holds several copies of CLIP).
 
-    python benchmarks/bench_aahr.py [--data scenes:small] [--rounds 3] [--steps 4]
+  - with `--grad-shares`: the gradient norm each weighted loss term sends into the model's parameters,
+    on one batch (from a trained checkpoint with `--checkpoint`), the measurement loss weights are
+    read against.
+
+    python benchmarks/bench_aahr.py [--data scenes:small] [--rounds 3] [--steps 4] [--grad-shares [--checkpoint C]]
 """
 
 from __future__ import annotations
@@ -74,11 +78,44 @@ class Arm:
         call_hooks(self.objective, "after_step", StepContext(self.model, self.progress))
 
 
+WEIGHTS = {"base": ("base_weight",), "proto": ("proto_weight",), "gnn (3 terms)": ("gnn_weight",),
+           "reg": ("reg_weight",), "moco": ("moco_weight",)}
+
+
+def grad_shares(cfg, tok, batches, checkpoint: str | None) -> None:
+    """Gradient norm of each weighted term alone w.r.t. the model's parameters, on one batch."""
+    from safetensors.torch import load_file
+
+    arm = Arm(cfg, tok, batches)
+    if checkpoint:
+        arm.model.load_state_dict(load_file(str(Path(checkpoint) / "model.safetensors")))
+        arm.objective.momentum.update_keys(arm.model)
+    a = arm.objective.cfg
+    configured = {k: getattr(a, k) for keys in WEIGHTS.values() for k in keys}
+    img, txt = batches[0]
+    norms = {}
+    for name, keys in WEIGHTS.items():
+        for k, w in configured.items():
+            setattr(a, k, w if k in keys else 0.0)
+        torch.manual_seed(0)
+        arm.model.zero_grad(set_to_none=True)
+        arm.objective(arm.model(img, txt), img, txt, arm.progress)["loss"].backward()
+        grads = [p.grad.norm() for p in arm.model.parameters() if p.grad is not None]
+        norms[name] = float(torch.stack(grads).norm()) if grads else 0.0
+    for k, w in configured.items():
+        setattr(a, k, w)
+    total = sum(norms.values())
+    print("gradient norm into the model per weighted term (share of the sum of norms): " + "; ".join(
+        f"{n} {v:.3g} ({100 * v / total:.0f}%)" for n, v in norms.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="scenes:small")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per arm and round")
+    ap.add_argument("--grad-shares", action="store_true", help="only measure per-term gradient norms")
+    ap.add_argument("--checkpoint", default=None, help="an aahr_scenes checkpoint folder for --grad-shares")
     args = ap.parse_args()
 
     def cfg(name, *extra):
@@ -89,6 +126,14 @@ def main() -> None:
     train = load_configured_split(vse.data, "train", root)
     tok = build_tokenizer(vse.model.text, train.captions)
     batches = training_batches(vse, train, tok, args.steps + 1)
+    if args.grad_shares:
+        if args.checkpoint:
+            from itmatch.data.text import load_tokenizer
+
+            tok = load_tokenizer(Path(args.checkpoint) / "tokenizer")
+            batches = training_batches(vse, train, tok, args.steps + 1)
+        grad_shares(cfg("aahr_scenes.yaml", *AAHR_ON), tok, batches, args.checkpoint)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; scenes shapes ({root}): batch 128, "
           f"12 regions x 1280-d, d=256; {args.rounds} rounds x {args.steps} steps per arm")
     arms = {
