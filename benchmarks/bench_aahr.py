@@ -170,8 +170,8 @@ def main() -> None:
           f"queues 2 x {len(momentum.image_queue.feats)} x {momentum.image_queue.feats.shape[1]} "
           f"{mib(queue_bytes):.2f} MiB")
     print(f"frozen global encoders (MiniLM sentence embedding) {mib(frozen_bytes):.1f} MiB, one copy shared by "
-          f"the model and its momentum copy: {shared}; a deep copy per encoder and momentum encoder (4 copies, "
-          f"as the public code) would hold {mib(4 * frozen_bytes):.1f} MiB")
+          f"the model and its momentum copy: {shared}; the public code's five instances (image encoder, text "
+          f"encoder, training loop, two momentum encoders) would hold {mib(5 * frozen_bytes):.1f} MiB")
     clip = CLIP_VIT_B32_PARAMS * 4
     print(f"arithmetic for OpenCLIP ViT-B/32 ({CLIP_VIT_B32_PARAMS / 1e6:.1f}M params, fp32): one copy "
           f"{mib(clip):.0f} MiB; the public code's image, text, training and two momentum instances "

@@ -323,3 +323,16 @@ def test_open_clip_wrapper_with_a_stand_in_module(tmp_path, monkeypatch):
     with torch.no_grad():
         expected_txt = torch.nn.functional.normalize(reference.encode_text(get_tokenizer("tiny")(texts)), dim=-1)
     torch.testing.assert_close(txt, expected_txt)
+
+
+def test_compare_recognises_a_finished_run_of_a_method_with_ignored_keys(tmp_path):
+    """The trainer writes config.yaml without the keys a method ignores; compare must accept it."""
+    from itmatch.compare.runs import Run, check_run_compatible
+
+    cfg = load_config(PACKAGED_CONFIGS / "aahr_scenes.yaml", [f"data.root={tmp_path}"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    check_run_compatible(Run(arm=None, seed=0, run_dir=tmp_path / "run", cfg=cfg))
+    other = load_config(PACKAGED_CONFIGS / "aahr_scenes.yaml", [f"data.root={tmp_path}", "aahr.proto_weight=0"])
+    with pytest.raises(ItmatchError, match="aahr.proto_weight"):
+        check_run_compatible(Run(arm=None, seed=0, run_dir=tmp_path / "run", cfg=other))

@@ -98,7 +98,8 @@ def check_run_compatible(run: Run) -> None:
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
         old = None
-    new = run.cfg.to_dict()
+    # What the trainer wrote (`to_yaml`: without the keys the method ignores, e.g. hrem's and aahr's GPO sizes).
+    new = yaml.safe_load(run.cfg.to_yaml())
     if isinstance(old, dict):  # where a run trains does not change what it is
         old = {**old, "train": {k: v for k, v in (old.get("train") or {}).items() if k != "device"}}
     new["train"].pop("device", None)
