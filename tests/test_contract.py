@@ -31,6 +31,9 @@ METHOD_OVERRIDES = {
     "hosa": {"hosa": {"heads": 4, "ff": 32, "regions": 12, "words": 64}},
     # fragment and instance-level attention widths that divide the tiny embedding; instance level on
     "hrem": {"hrem": {"fragment_heads": 4, "heads": 4, "fragment_ff": 32, "topk": 3, "instance_warmup_steps": 0}},
+    # every training-only part on from the first step (queue of one batch)
+    "aahr": {"aahr": {"fragment_heads": 4, "heads": 4, "fragment_ff": 32, "topk": 3, "prototypes": 4,
+                      "proto_start_steps": 0, "graph_warmup_steps": 0, "queue_size": 6}},
 }
 METHODS = sorted(set(available_methods()) | set(TOY_METHODS))
 
@@ -59,9 +62,11 @@ def batches(vocab, n_img: int, n_txt: int, seed: int = 0):
     mask = torch.arange(5)[None] < torch.randint(1, 6, (n_img,), generator=g)[:, None]
     img_index = torch.arange(n_img)
     cap_image = torch.arange(n_txt) % n_img
-    tokens, tmask = vocab.encode_batch([CAPTIONS[i % len(CAPTIONS)] for i in range(n_txt)], 16)
+    texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(n_txt)]
+    tokens, tmask = vocab.encode_batch(texts, 16)
     return (ImageBatch(image_index=img_index, regions=regions, region_mask=mask),
-            TextBatch(tokens=tokens, token_mask=tmask, caption_index=torch.arange(n_txt), image_index=cap_image))
+            TextBatch(tokens=tokens, token_mask=tmask, caption_index=torch.arange(n_txt), image_index=cap_image,
+                      texts=texts))
 
 
 def pair_batches(img: ImageBatch, txt: TextBatch) -> tuple[ImageBatch, ImageBatch]:
@@ -128,9 +133,11 @@ def test_tiled_scores_equal_a_per_pair_computation(method, vocab):
         # encode in two chunks, as evaluation does, so fragments of different lengths are padded
         img = cat_encodings([model.encode_image(img_b), model.encode_image(img_b)])[:9]
         txt = cat_encodings([model.encode_text(TextBatch(txt_b.tokens[:5, :6], txt_b.token_mask[:5, :6],
-                                                         txt_b.caption_index[:5], txt_b.image_index[:5])),
+                                                         txt_b.caption_index[:5], txt_b.image_index[:5],
+                                                         texts=txt_b.texts[:5])),
                              model.encode_text(TextBatch(txt_b.tokens[5:], txt_b.token_mask[5:],
-                                                         txt_b.caption_index[5:], txt_b.image_index[5:]))])
+                                                         txt_b.caption_index[5:], txt_b.image_index[5:],
+                                                         texts=txt_b.texts[5:]))])
         slow = torch.tensor([[float(model.similarity(img[i:i + 1], txt[j:j + 1])) for j in range(14)]
                              for i in range(9)])
     source = score_model(model, img, txt)

@@ -39,6 +39,8 @@ class TextBatch:
     # declares relevant (or undetermined), which may therefore never serve as negatives. None = the
     # negatives are every pair of different images (`loss.negatives: ids`).
     non_negatives: torch.Tensor | None = None
+    # The raw caption strings, for encoders with their own tokenizer (AAHR's frozen global branch).
+    texts: list[str] | None = None
 
     def to(self, device) -> TextBatch:
         return _to(self, device)

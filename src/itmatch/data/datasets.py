@@ -343,7 +343,7 @@ class PairDataset(Dataset):
         if self.negatives == "relevance":
             non_negatives = torch.from_numpy(relevance_block(self.non_negative_matrices, caps, rows))
         text = TextBatch(tokens=tokens, token_mask=mask, caption_index=caption_index, image_index=image_index.clone(),
-                         non_negatives=non_negatives)
+                         non_negatives=non_negatives, texts=list(texts))
         return images, text
 
 
@@ -386,5 +386,5 @@ class CaptionDataset(Dataset):
         tokens, mask = self.tokenizer.encode_batch(list(texts), self.max_length)
         return TextBatch(
             tokens=tokens, token_mask=mask, caption_index=caption_index,
-            image_index=torch.from_numpy(self.caption_to_image[caption_index.numpy()]),
+            image_index=torch.from_numpy(self.caption_to_image[caption_index.numpy()]), texts=list(texts),
         )
