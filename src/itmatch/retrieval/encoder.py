@@ -84,7 +84,7 @@ class ModelHandle:
     def encode_text(self, text: str) -> Encoding:
         tokens, mask = self.tokenizer.encode_batch([text], self.max_length)
         batch = TextBatch(tokens=tokens, token_mask=mask, caption_index=torch.zeros(1, dtype=torch.long),
-                          image_index=torch.zeros(1, dtype=torch.long))
+                          image_index=torch.zeros(1, dtype=torch.long), texts=[text])  # aahr reads the raw text
         return to_storage(self.model.encode_text(batch.to(self.device)))
 
     @torch.inference_mode()
