@@ -158,6 +158,15 @@ def format_table_summary(s: dict) -> str:
     ])
 
 
+def _print_summaries(root, summaries: list[dict], fmt, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"root": str(root), "splits": summaries}, indent=2))
+        return
+    print(f"{root}")
+    for summary in summaries:
+        print(fmt(summary))
+
+
 def cmd_inspect(args) -> int:
     """Exit 0 when every split is valid, 1 when features hold NaN/inf; bad folders raise (exit 2)."""
     root = Path(args.dir)
@@ -172,20 +181,9 @@ def cmd_inspect(args) -> int:
         if not tables:
             raise ItmatchError(f"{root} holds no {{split}}_caps.txt file (not a SCAN precomp folder) and no "
                                "{split}.csv / {split}.jsonl caption tables (see docs/data.md)")
-        summaries = [inspect_table(*t) for t in tables]
-        if args.json:
-            print(json.dumps({"root": str(root), "splits": summaries}, indent=2))
-        else:
-            print(f"{root}")
-            for s in summaries:
-                print(format_table_summary(s))
+        _print_summaries(root, [inspect_table(*t) for t in tables], format_table_summary, args.json)
         return 0
     summaries = [inspect_split(root, s) for s in splits]
-    if args.json:
-        print(json.dumps({"root": str(root), "splits": summaries}, indent=2))
-    else:
-        print(f"{root}")
-        for s in summaries:
-            print(format_summary(s))
+    _print_summaries(root, summaries, format_summary, args.json)
     has_nonfinite = any(s["nonfinite_rows"] and s["nonfinite_rows"]["count"] for s in summaries)
     return 1 if has_nonfinite else 0

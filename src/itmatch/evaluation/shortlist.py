@@ -2,7 +2,7 @@
 
 A fragment model's exact similarity costs a (regions x words) block of cosines per pair. The first stage
 gives every item one vector (`first_stage_embeddings`: the model's own global head where it has one,
-`global_embedding(enc)`, else the L2-normalised mean of its unit fragments), and keeps for each image its
+`first_stage(enc)`, else the L2-normalised mean of its unit fragments), and keeps for each image its
 top `k_i2t` captions and for each caption its top `k_t2i` images (`topk_indices`, `shortlist_pairs`). Only
 the union of those pairs is scored by the model's `similarity` (`score_shortlist`), image by image, each
 pair once.
@@ -38,8 +38,9 @@ def mean_pooled(enc: Fragments) -> torch.Tensor:
 
 
 def first_stage_embeddings(model, enc: Encoding) -> torch.Tensor:
-    """(N, D) first-stage vectors: `model.global_embedding(enc)` where defined, else `mean_pooled`."""
-    head = getattr(model, "global_embedding", None)
+    """(N, D) first-stage vectors: `model.first_stage(enc)` where defined, else `mean_pooled`.
+    The one first stage of score models, for the shortlist here and the vector index (retrieval/)."""
+    head = getattr(model, "first_stage", None)
     if callable(head):
         return head(enc)
     if isinstance(enc, Fragments):

@@ -13,22 +13,11 @@ only decides which items get scored, never the final scores.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from itmatch.models.contract import Encoding, Fragments
+from itmatch.evaluation.shortlist import first_stage_embeddings
+from itmatch.models.contract import Encoding
 
 MAX_SET = 1024  # elements per set item; ids stay far inside int64 for 2**50 items
-
-
-def first_stage(model, enc: Encoding) -> torch.Tensor:
-    hook = getattr(model, "first_stage", None)
-    if callable(hook):
-        return hook(enc)
-    if isinstance(enc, Fragments):
-        m = enc.mask.unsqueeze(-1).to(enc.features.dtype)
-        pooled = (enc.features * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return torch.nn.functional.normalize(pooled, dim=-1)
-    return enc
 
 
 def index_vectors(model, kind: str, ids: np.ndarray, enc: Encoding) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +30,7 @@ def index_vectors(model, kind: str, ids: np.ndarray, enc: Encoding) -> tuple[np.
         vids = (ids[:, None] * MAX_SET + np.arange(k)[None]).reshape(-1)
         return vids, enc.reshape(n * k, d).numpy().astype(np.float32)
     if kind == "score":
-        return ids, first_stage(model, enc).float().numpy()
+        return ids, first_stage_embeddings(model, enc).float().numpy()
     return ids, enc.numpy().astype(np.float32)
 
 
@@ -50,7 +39,7 @@ def query_vectors(model, kind: str, enc: Encoding) -> np.ndarray:
     if kind == "set":
         return enc.reshape(-1, enc.shape[-1]).numpy().astype(np.float32)
     if kind == "score":
-        return first_stage(model, enc).float().numpy()
+        return first_stage_embeddings(model, enc).float().numpy()
     return enc.numpy().astype(np.float32)
 
 
