@@ -242,3 +242,13 @@ def test_objective_hooks_run_and_their_state_survives_resume(tiny_scenes, tmp_pa
         assert int(state["objective"]["counter.steps"]) == 18  # the objective's buffers are in the checkpoint
     finally:
         unregister_method("toy_hooked")
+
+
+def test_print_every_steps_thins_the_console_not_the_records(tiny_scenes, tmp_path):
+    cfg = small_config(tiny_scenes, "train.max_steps=8", "train.print_every_steps=4")
+    Trainer(cfg, tmp_path / "run", echo=False).fit()
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert steps == list(range(1, 9))  # a record every step (log_every_steps=1)
+    lines = (tmp_path / "run" / "out.log").read_text().splitlines()
+    printed = [int(line.split(" step ")[1].split("/")[0]) for line in lines if "samples/s" in line]
+    assert printed == [4, 8]

@@ -217,6 +217,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimizer steps (tests, smoke runs)
     eval_every_epochs: int = 1
     log_every_steps: int = 50
+    # a console / out.log line for every this many steps (a multiple of log_every_steps makes sense);
+    # 0 = one per logged record. The demo records every 5 steps for its curves but prints every 50.
+    print_every_steps: int = 0
     amp: bool = True  # mixed precision, only where CUDA is present
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     keep_last: int = 2  # step checkpoints to keep besides best
@@ -233,6 +236,7 @@ class TrainConfig:
             ("max_steps", self.max_steps is None or self.max_steps >= 1, "null or >= 1"),
             ("eval_every_epochs", self.eval_every_epochs >= 1, ">= 1"),
             ("log_every_steps", self.log_every_steps >= 1, ">= 1"),
+            ("print_every_steps", self.print_every_steps >= 0, ">= 0"),
             ("keep_last", self.keep_last >= 0, ">= 0"),
             ("checkpoint_every_steps", self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1,
              "null or >= 1"),

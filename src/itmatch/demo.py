@@ -55,7 +55,8 @@ def run_demo(out: Path, data: Path | None = None, size: str = "small", epochs: i
     generate_scenes(data, seed=0, n_train=n_train, n_dev=n_dev, n_test=n_test)
     t_data = time.perf_counter() - t0
 
-    overrides = [f"data.root={data}", "train.log_every_steps=5"]  # enough points for a smoothed loss curve
+    # records every 5 steps: enough points for a smoothed loss curve; a console line every 50
+    overrides = [f"data.root={data}", "train.log_every_steps=5", "train.print_every_steps=50"]
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
     cfg = load_config(PACKAGED_CONFIGS / "vse_scenes.yaml", overrides)

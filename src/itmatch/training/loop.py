@@ -329,7 +329,8 @@ class Trainer:
                         rate = n_window / max(1e-9, time.perf_counter() - t_window)
                         lr = self.optimizer.param_groups[0]["lr"]
                         log.record("train", self.step, self.epoch, {**terms, "lr": lr, "samples_per_s": rate})
-                        if bar is None:
+                        if bar is None and (not cfg.train.print_every_steps or self.step == self.total_steps
+                                            or self.step % cfg.train.print_every_steps == 0):
                             log.line(f"epoch {self.epoch + 1} step {self.step}/{self.total_steps} "
                                      f"loss {terms['loss']:.4f} lr {lr:.2e} {rate:.0f} samples/s")
                         t_window, n_window = time.perf_counter(), 0
