@@ -41,7 +41,7 @@ def _run(rank: int, world: int, port: int, args, queue) -> None:
         *(["hrem.instance_warmup_steps=0"] if args.method == "hrem" else [])])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, echo=False)
-        trainer._setup()
+        trainer.prepare()
         trainer.sampler.set_epoch(0)
         trainer.dataset.set_epoch(0)
         loader = torch.utils.data.DataLoader(trainer.dataset, batch_sampler=trainer.sampler,

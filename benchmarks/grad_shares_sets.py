@@ -62,7 +62,7 @@ def main() -> None:
                                     "train.eval_every_epochs=1000"])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, echo=False)
-        trainer._setup()
+        trainer.prepare()
         trainer.sampler.set_epoch(0)
         trainer.dataset.set_epoch(0)
         loader = torch.utils.data.DataLoader(trainer.dataset, batch_sampler=trainer.sampler,

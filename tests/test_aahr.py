@@ -252,7 +252,7 @@ def test_aahr_learns_on_tiny_scenes_and_resume_restores_queues_and_key_encoders(
     saved = load_training_state(tmp_path / "cut" / "checkpoints" / "step-00000008")["objective"]
     assert int(saved["momentum.image_queue.pushed"]) == 8 * 64  # the queues are in the training state
     resumed = Trainer(small_aahr_config(tiny_scenes, *common), tmp_path / "cut", resume="latest", echo=False)
-    resumed._setup()
+    resumed.prepare()
     restored = resumed.objective.state_dict()
     assert set(restored) == set(saved)
     for name, value in saved.items():  # queues, key encoders and prototypes exactly as saved

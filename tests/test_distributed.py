@@ -58,7 +58,7 @@ def one_step(cfg, run_dir) -> dict:
     from itmatch.training.loop import Trainer
 
     trainer = Trainer(cfg, run_dir, echo=False)
-    trainer._setup()
+    trainer.prepare()
     trainer.sampler.set_epoch(0)
     trainer.dataset.set_epoch(0)
     progress = TrainProgress(0, 0, trainer.total_steps)

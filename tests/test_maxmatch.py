@@ -114,7 +114,7 @@ def test_maxmatch_learns_on_tiny_scenes(tiny_scenes, tmp_path):
         "train.batch_size=32", "train.eval_batch_size=64", "train.log_every_steps=5", "data.max_dev_images=40",
         "train.epochs=6", "optim.decay_epochs=[5]", "optim.lr=0.002", "maxmatch.depth=2"])
     trainer = Trainer(cfg, tmp_path / "run", echo=False)
-    trainer._setup()
+    trainer.prepare()
     split = load_configured_split(cfg.data, "dev")
     untrained = evaluate_sims(split_scores(trainer.model, split, trainer.tokenizer, cfg.model, 64),
                               "scenes", split)["metrics"]["rsum"]

@@ -66,7 +66,11 @@ class Trainer:
         self.echo = echo
 
     # ------------------------------------------------------------------------------- setup
-    def _setup(self):
+    def prepare(self) -> None:
+        """Build data, tokenizer, model, objective, sampler and optimizer without training; `fit` calls it.
+        Benchmarks and tests call it to probe single steps of a fully configured run. Idempotent."""
+        if getattr(self, "_prepared", False):
+            return
         from itmatch.data.datasets import PairDataset, image_transform
         from itmatch.data.text import build_tokenizer, load_tokenizer
         from itmatch.methods.registry import build_model, build_objective
@@ -116,6 +120,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch, self.best_rsum = 0, 0, 0, -1.0
         if self.resume_from is not None:
             self._load_state(self.resume_from)
+        self._prepared = True
 
     def _build_sampler(self):
         from itmatch.data.datasets import EpochSampler
@@ -242,7 +247,7 @@ class Trainer:
         return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
 
     def fit(self) -> dict:
-        self._setup()
+        self.prepare()
         if self.resume_from is not None and (self.step >= self.total_steps or self.epoch >= self.cfg.train.epochs):
             return {"best_rsum": self.best_rsum, "run_dir": str(self.run_dir), "steps": self.step,
                     "nothing_to_do": True}
