@@ -16,7 +16,13 @@ Arms, alternated in rounds within one run:
              pairs and extrapolated to all 5,000,000;
   shortlist  `ShortlistScores` with k = 100 per direction: first stage (mean-pooled fragments), the
              union of both directions' top-k, exact scores for those pairs only; plus the engine
-             reading every row block (what evaluation does).
+             reading every row block (what evaluation does). The exact stage is TERAN's
+             `candidate_scorer` (each image against its candidates' real words, gathered in
+             cache-sized chunks: `similarity.fragment.candidate_fragment_scores`);
+  shortlist-gather  the same with the generic exact stage (each image's candidate captions gathered
+             whole, padded slots included, and passed to `similarity`).
+Every arm's multiply-adds (the region-word cosines it computes) and GMAC/s are printed, so the
+ratios can be checked against arithmetic.
 For k in --ks it prints the shortlist's recall of the ground truth and the change of R@1/5/10 against
 exhaustive scoring. The t-product part times one HOSA fit of a training batch (n = 128, l = 12,
 m = 36, d = 1024: normal equations, ridge solve, projector, reconstruction, forward + backward)
@@ -104,11 +110,21 @@ def time_per_pair(images, captions, n_pairs: int) -> float:
     return (time.perf_counter() - t) * len(images) * len(captions) / n_pairs
 
 
-def time_shortlist(images, captions, k: int):
+def candidate_scorer(captions):
+    """TERAN's `candidate_scorer` for MrSw (models/teran.py), on the synthetic fragments."""
+    from itmatch.similarity.fragment import CaptionWords, candidate_fragment_scores
+
+    words = CaptionWords(captions.features, captions.mask)
+    return lambda img, cols: candidate_fragment_scores(img.features[0], img.mask[0], words, cols)
+
+
+def time_shortlist(images, captions, k: int, gather: bool = False):
     from itmatch.evaluation.shortlist import ShortlistScores, mean_pooled
 
     t = time.perf_counter()
-    source = ShortlistScores(similarity, images, captions, mean_pooled(images), mean_pooled(captions), k, k)
+    scorer = None if gather else candidate_scorer(captions)
+    source = ShortlistScores(similarity, images, captions, mean_pooled(images), mean_pooled(captions), k, k,
+                             candidate_scorer=scorer)
     for _ in source.row_blocks():
         pass
     return time.perf_counter() - t, source
@@ -155,7 +171,7 @@ def tproduct_step(dim: int, n: int, words: int, regions: int, rounds: int) -> di
     return {"teran_step_s": float(np.median(step_times[1:])), "tproduct_fit_s": float(np.median(fit_times[1:]))}
 
 
-def shortlist_table(model_similarity, images, captions, c2i, ks, first_stage, block) -> None:
+def shortlist_table(model_similarity, images, captions, c2i, ks, first_stage, block, scorer=None) -> None:
     from itmatch.evaluation.protocols import evaluate_sims
     from itmatch.evaluation.scores import model_scores
     from itmatch.evaluation.shortlist import ShortlistScores
@@ -167,7 +183,7 @@ def shortlist_table(model_similarity, images, captions, c2i, ks, first_stage, bl
           + " | ".join(f"d {k}" for k in keys))
     img_emb, cap_emb = first_stage(images), first_stage(captions)
     for k in ks:
-        source = ShortlistScores(model_similarity, images, captions, img_emb, cap_emb, k, k)
+        source = ShortlistScores(model_similarity, images, captions, img_emb, cap_emb, k, k, candidate_scorer=scorer)
         rec = source.recall(c2i)
         got = evaluate_sims(source, "plain", caption_to_image=c2i)["metrics"]
         print(f"{k:11d} | {rec['pairs_scored']:14.2f} | {rec['gt_pairs']:16.2f} | {rec['i2t']:26.2f} | "
@@ -187,7 +203,8 @@ def real_data_table(args) -> None:
     captions = encode_captions(model, split, tokenizer, model.cfg)
     print(f"{args.run} on {args.data} {args.split}: {len(images)} images x {len(captions)} captions")
     shortlist_table(model.similarity, images, captions, split.caption_to_image,
-                    [int(x) for x in args.ks.split(",")], lambda e: first_stage_embeddings(model, e), model.score_block)
+                    [int(x) for x in args.ks.split(",")], lambda e: first_stage_embeddings(model, e), model.score_block,
+                    getattr(model, "candidate_scorer", lambda _: None)(captions))
 
 
 def main() -> None:
@@ -216,25 +233,39 @@ def main() -> None:
           f"captions, {args.regions} regions, ~{args.words} words, d {args.dim}, block {block}", flush=True)
     images, captions, c2i = make_fragments(args.images, args.captions_per_image, args.regions, args.words, args.dim)
 
-    times: dict[str, list[float]] = {"sharded": [], "per-query": [], "per-pair": [], "shortlist k=100": []}
+    times: dict[str, list[float]] = {"sharded": [], "per-query": [], "per-pair": [], "shortlist k=100": [],
+                                     "shortlist-gather k=100": []}
+    shortlist = None
     for r in range(args.rounds):
         times["sharded"].append(time_sharded(images, captions, block))
         times["per-query"].append(time_per_query(images, captions, args.loop_images))
         times["per-pair"].append(time_per_pair(images, captions, args.pair_count))
-        times["shortlist k=100"].append(time_shortlist(images, captions, 100)[0])
+        seconds, shortlist = time_shortlist(images, captions, 100)
+        times["shortlist k=100"].append(seconds)
+        times["shortlist-gather k=100"].append(time_shortlist(images, captions, 100, gather=True)[0])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
     med = {k: float(np.median(v)) for k, v in times.items()}
+    # multiply-adds of the region-word cosines each arm computes: the dense arms pad every caption to the
+    # split's widest (as one tensor holds them); the shortlist's exact stage reads real words only
+    padded = len(images) * args.regions * len(captions) * captions.features.shape[1] * args.dim
+    short = shortlist.shortlist.tocoo()
+    real = int((images.mask.sum(1)[short.row] * captions.mask.sum(1)[short.col]).sum()) * args.dim
+    macs = {"sharded": padded, "per-query": padded, "per-pair": padded, "shortlist k=100": real,
+            "shortlist-gather k=100": short.nnz * args.regions * captions.features.shape[1] * args.dim}
     print("\nmedian seconds (per-query and per-pair extrapolated from "
-          f"{args.loop_images} queries / {args.pair_count} pairs):")
+          f"{args.loop_images} queries / {args.pair_count} pairs), multiply-adds, GMAC/s:")
     for k, v in med.items():
-        print(f"  {k:16s} {v:9.1f}")
+        print(f"  {k:22s} {v:9.1f} s  {macs[k]:.3e} MAC  {macs[k] / v / 1e9:5.1f} GMAC/s")
     print(f"  per-query / sharded  {med['per-query'] / med['sharded']:.1f}x")
     print(f"  per-pair / sharded   {med['per-pair'] / med['sharded']:.1f}x")
-    print(f"  sharded / shortlist  {med['sharded'] / med['shortlist k=100']:.1f}x", flush=True)
+    print(f"  sharded / shortlist  {med['sharded'] / med['shortlist k=100']:.1f}x "
+          f"(pairs scored {100 * short.nnz / (len(images) * len(captions)):.2f}%)")
+    print(f"  sharded / shortlist-gather  {med['sharded'] / med['shortlist-gather k=100']:.1f}x", flush=True)
 
     from itmatch.evaluation.shortlist import mean_pooled
 
-    shortlist_table(similarity, images, captions, c2i, [int(x) for x in args.ks.split(",")], mean_pooled, block)
+    shortlist_table(similarity, images, captions, c2i, [int(x) for x in args.ks.split(",")], mean_pooled, block,
+                    candidate_scorer(captions))
 
     print("\npeak RSS above the RSS before scoring (sharded, same block):")
     for n in (args.images // 4, args.images // 2, args.images):

@@ -102,3 +102,68 @@ def test_itmatch_eval_shortlist_with_k_all_reports_the_exhaustive_metrics(tiny_s
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "ckpt"), "--shortlist", "0"]) == 2
     assert "itmatch: error: --shortlist must be >= 1" in capsys.readouterr().err
+
+
+def test_candidate_scores_equal_the_sharded_scorer_for_every_aggregation():
+    """The re-ranking path (real words only, gathered in chunks) against `model_scores` tiles of
+    `fragment_scores`: masks with holes, an image without regions, a caption without words."""
+    from itmatch.similarity.fragment import CaptionWords, candidate_fragment_scores
+
+    images, captions, _ = data()
+    g = torch.Generator().manual_seed(3)
+    img_mask = images.mask & (torch.rand(images.mask.shape, generator=g) > 0.2)
+    img_mask[4] = False
+    txt_mask = captions.mask & (torch.rand(captions.mask.shape, generator=g) > 0.2)
+    txt_mask[7] = False
+    images = Fragments(images.features.masked_fill(~img_mask[..., None], 0.0), img_mask)
+    captions = Fragments(captions.features.masked_fill(~txt_mask[..., None], 0.0), txt_mask)
+    words = CaptionWords(captions.features, captions.mask)
+    candidates = torch.tensor([59, 7, 0, 31, 30, 0, 12])  # any order, repeats allowed
+    for region_reduce in ("max", "sum"):
+        for word_reduce in ("sum", "mean"):
+            def tiled(a, b, region_reduce=region_reduce, word_reduce=word_reduce):
+                return fragment_scores(a.features, a.mask, b.features, b.mask, region_reduce, word_reduce,
+                                       normalized=True)
+
+            sharded = model_scores(tiled, images, captions, (5, 7)).dense()
+            for chunk_rows in (None, 3):
+                for i in range(len(images)):
+                    got = candidate_fragment_scores(images.features[i], images.mask[i], words, candidates,
+                                                    region_reduce, word_reduce, chunk_rows=chunk_rows)
+                    np.testing.assert_allclose(got.numpy(), sharded[i, candidates.numpy()], rtol=0, atol=2e-6)
+    # an independent loop: each real word's best real region, summed over the words
+    i, j = int(images.mask.sum(1).argmax()), int(captions.mask.sum(1).argmax())
+    r, c = images.features[i][images.mask[i]], captions.features[j][captions.mask[j]]
+    loop = sum(max(float(r[a] @ c[w]) for a in range(len(r))) for w in range(len(c)))
+    got = candidate_fragment_scores(images.features[i], images.mask[i], words, torch.tensor([j]))
+    assert len(r) > 1 and len(c) > 1 and abs(float(got[0]) - loop) < 1e-5
+
+
+def test_teran_shortlist_uses_the_candidate_scorer_and_stays_exact(tiny_scenes):
+    from itmatch.config import config_from_dict
+    from itmatch.data.precomp import load_split
+    from itmatch.data.text import WordVocab
+    from itmatch.evaluation.encode import encode_captions, encode_images
+    from itmatch.evaluation.scores import score_model
+    from itmatch.methods.registry import build_model
+
+    split = load_split(tiny_scenes, "test")
+    vocab = WordVocab.build(split.captions)
+    cfg = config_from_dict({"model": {"method": "teran", "embed_dim": 16, "image": {"feature_dim": int(
+        split.features.shape[-1])}, "text": {"word_dim": 8}}, "teran": {"heads": 2, "ff": 16}})
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab).eval()
+    images, captions = encode_images(model, split, model.cfg), encode_captions(model, split, vocab, model.cfg)
+    calls = []
+    make = model.candidate_scorer
+
+    def counting(txt):
+        scorer = make(txt)
+        return lambda img, cols: calls.append(len(cols)) or scorer(img, cols)
+
+    model.candidate_scorer = counting
+    short = ShortlistScores.for_model(model, images, captions, 3)
+    exhaustive = score_model(model, images, captions).dense()
+    listed = short.shortlist.toarray()
+    assert sum(calls) == short.shortlist.nnz and 0 < short.shortlist.nnz < listed.size
+    np.testing.assert_allclose(short.dense()[listed], exhaustive[listed], rtol=1e-6, atol=1e-6)  # sums of ~15

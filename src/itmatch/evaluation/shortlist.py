@@ -4,8 +4,9 @@ A fragment model's exact similarity costs a (regions x words) block of cosines p
 gives every item one vector (`first_stage_embeddings`: the model's own global head where it has one,
 `first_stage(enc)`, else the L2-normalised mean of its unit fragments), and keeps for each image its
 top `k_i2t` captions and for each caption its top `k_t2i` images (`topk_indices`, `shortlist_pairs`). Only
-the union of those pairs is scored by the model's `similarity` (`score_shortlist`), image by image, each
-pair once.
+the union of those pairs is scored exactly (`score_shortlist`), image by image, each pair once: by the
+model's `candidate_scorer` where it has one (fragment models: one image against its candidates' real
+words), else by `similarity` on the gathered candidates.
 
 `ShortlistScores` is a `ScoreSource` for the metric engine: a shortlisted pair holds its exact score; any
 other pair holds `floor + first-stage score`, with `floor` below every exact score by more than the
@@ -28,6 +29,10 @@ from itmatch.evaluation.scores import ScoreSource
 from itmatch.models.contract import Encoding, Fragments
 
 TOPK_CHUNK = 1024  # queries per first-stage block
+
+# A model's exact scorer of one image (an encoding of length 1) against candidate captions (indices into
+# the caption set it was made for): `model.candidate_scorer(captions)` where the model defines it.
+CandidateScorer = Callable[[Encoding, torch.Tensor], torch.Tensor]
 
 
 def mean_pooled(enc: Fragments) -> torch.Tensor:
@@ -74,15 +79,22 @@ def shortlist_pairs(img_emb: torch.Tensor, cap_emb: torch.Tensor, k_i2t: int, k_
 
 @torch.inference_mode()
 def score_shortlist(similarity: Callable[[Encoding, Encoding], torch.Tensor], images: Encoding, captions: Encoding,
-                    pairs: sp.csr_matrix, max_cols: int = 4096, device: torch.device | str = "cpu") -> np.ndarray:
-    """Exact scores of the shortlisted pairs, aligned with `pairs.indices` (float32): one image at a time
-    against its gathered candidate captions (at most `max_cols` per call), so no pair is scored twice."""
+                    pairs: sp.csr_matrix, max_cols: int = 4096, device: torch.device | str = "cpu",
+                    candidate_scorer: CandidateScorer | None = None) -> np.ndarray:
+    """Exact scores of the shortlisted pairs, aligned with `pairs.indices` (float32), one image at a time,
+    so no pair is scored twice. With `candidate_scorer` (a model's `candidate_scorer(captions)`, e.g. TERAN's:
+    real words only, gathered in cache-sized chunks) each image is scored against its candidates by it;
+    otherwise its candidate captions are gathered (at most `max_cols` per call) and passed to `similarity`."""
     out = np.empty(pairs.nnz, dtype=np.float32)
     for i in range(pairs.shape[0]):
         lo, hi = pairs.indptr[i], pairs.indptr[i + 1]
         if lo == hi:
             continue
         img = images[i:i + 1].to(device)
+        if candidate_scorer is not None:
+            cols = torch.from_numpy(pairs.indices[lo:hi].astype(np.int64))
+            out[lo:hi] = candidate_scorer(img, cols).float().cpu().numpy()
+            continue
         for c0 in range(lo, hi, max_cols):
             c1 = min(c0 + max_cols, hi)
             cols = torch.as_tensor(pairs.indices[c0:c1])
@@ -94,12 +106,13 @@ class ShortlistScores(ScoreSource):
     """Exact scores on the shortlist, first-stage scores below them elsewhere (see the module doc)."""
 
     def __init__(self, similarity, images: Encoding, captions: Encoding, img_emb: torch.Tensor,
-                 cap_emb: torch.Tensor, k_i2t: int, k_t2i: int, name: str = "shortlist scores"):
+                 cap_emb: torch.Tensor, k_i2t: int, k_t2i: int, name: str = "shortlist scores",
+                 candidate_scorer: CandidateScorer | None = None):
         self.shape = (len(images), len(captions))
         self.name = name
         self.img_emb, self.cap_emb = img_emb.float().cpu(), cap_emb.float().cpu()
         self.shortlist = shortlist_pairs(self.img_emb, self.cap_emb, k_i2t, k_t2i)
-        self.exact = score_shortlist(similarity, images, captions, self.shortlist)
+        self.exact = score_shortlist(similarity, images, captions, self.shortlist, candidate_scorer=candidate_scorer)
         # first-stage scores are cosines in [-1, 1]: 3 below the lowest exact score keeps them all below
         low = float(self.exact.min()) if self.exact.size else 0.0
         self.floor = low - 3.0
@@ -108,10 +121,13 @@ class ShortlistScores(ScoreSource):
 
     @classmethod
     def for_model(cls, model, images: Encoding, captions: Encoding, k: int, k_t2i: int | None = None):
-        """The shortlist source of a model on encoded items, first stage from `first_stage_embeddings`."""
+        """The shortlist source of a model on encoded items, first stage from `first_stage_embeddings`, exact
+        stage by the model's `candidate_scorer` where it has one."""
+        make_scorer = getattr(model, "candidate_scorer", None)
         return cls(model.similarity, images, captions, first_stage_embeddings(model, images),
                    first_stage_embeddings(model, captions), k, k if k_t2i is None else k_t2i,
-                   name=f"{type(model).__name__} shortlist scores (k={k})")
+                   name=f"{type(model).__name__} shortlist scores (k={k})",
+                   candidate_scorer=make_scorer(captions) if callable(make_scorer) else None)
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         block = self.img_emb[start:stop] @ self.cap_emb.T + self.floor

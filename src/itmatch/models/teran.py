@@ -17,7 +17,13 @@ from itmatch.data.batch import ImageBatch, TextBatch
 from itmatch.encoders.fragments import FragmentSelfAttention
 from itmatch.models.backbone import VSEModel
 from itmatch.models.contract import Fragments
-from itmatch.similarity.fragment import fragment_scores, pair_fragment_scores, unit_fragments
+from itmatch.similarity.fragment import (
+    CaptionWords,
+    candidate_fragment_scores,
+    fragment_scores,
+    pair_fragment_scores,
+    unit_fragments,
+)
 
 
 def fragment_outputs(img: Fragments, txt: Fragments) -> dict:
@@ -68,6 +74,16 @@ class TeranModel(nn.Module):
     def pair_similarity(self, img: Fragments, txt: Fragments) -> torch.Tensor:
         return pair_fragment_scores(img.features, img.mask, txt.features, txt.mask, self.region_reduce,
                                     self.word_reduce, normalized=True)
+
+    def candidate_scorer(self, txt: Fragments):
+        """`score(img, captions)`: one encoded image against the listed captions of `txt`, exact (the
+        shortlist's re-ranking stage, `evaluation.shortlist`), reading only those captions' real words."""
+        words = CaptionWords(txt.features, txt.mask)
+
+        def score(img: Fragments, captions: torch.Tensor) -> torch.Tensor:
+            return candidate_fragment_scores(img.features[0], img.mask[0], words, captions, self.region_reduce,
+                                             self.word_reduce)
+        return score
 
     def forward(self, img_batch: ImageBatch, txt_batch: TextBatch) -> dict:
         return fragment_outputs(self.encode_image(img_batch), self.encode_text(txt_batch))
