@@ -4,6 +4,7 @@ ranked above every other candidate, and reports its recall."""
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from itmatch.evaluation.protocols import evaluate_sims
@@ -73,6 +74,13 @@ def test_small_k_is_exact_on_the_shortlist_and_ranks_it_first():
     recall = short.recall(c2i)
     assert recall["gt_pairs"] == 100.0 * listed[c2i, np.arange(60)].mean()
     assert recall["i2t"] == 100.0 * np.mean([listed[i, c2i == i].any() for i in range(12)])
+    # restricted to some captions, with a relevance matrix (captions x images): counted directly
+    sub = np.array([0, 5, 17, 42, 59])
+    relevance = np.random.default_rng(0).random((60, 12)) < 0.3
+    part = short.recall(c2i, captions=sub, relevance=sp.csr_matrix(relevance))
+    assert part["gt_pairs"] == 100.0 * listed[c2i[sub], sub].mean()
+    assert part["i2t"] == 100.0 * np.mean([listed[i, sub[c2i[sub] == i]].any() for i in np.unique(c2i[sub])])
+    assert part["relevant_pairs"] == 100.0 * listed.T[sub][relevance[sub]].mean()
 
 
 def test_itmatch_eval_shortlist_with_k_all_reports_the_exhaustive_metrics(tiny_scenes, tmp_path, capsys):
@@ -99,6 +107,7 @@ def test_itmatch_eval_shortlist_with_k_all_reports_the_exhaustive_metrics(tiny_s
         reports[name] = json.loads(out.read_text())
     assert reports["shortlist"]["metrics"] == reports["exhaustive"]["metrics"]
     assert reports["shortlist"]["shortlist"]["gt_pairs"] == 100.0
+    assert reports["shortlist"]["shortlist"]["relevant_pairs"] == 100.0  # scenes: main captions, relevance
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "ckpt"), "--shortlist", "0"]) == 2
     assert "itmatch: error: --shortlist must be >= 1" in capsys.readouterr().err

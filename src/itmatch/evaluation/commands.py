@@ -126,8 +126,21 @@ def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol
     report.update({"method": cfg.model.method, "kind": model.kind, "checkpoint": str(checkpoint),
                    "encode_and_score_s": round(time.perf_counter() - t0, 3), "version": __version__})
     if shortlist is not None and hasattr(scores, "recall"):  # the shortlist's share of the ground truth
-        report["shortlist"] = {"k": shortlist, **scores.recall(split_data.caption_to_image)}
+        report["shortlist"] = {"k": shortlist, **shortlist_recall(scores, split_data)}
     return report, scores, split_data
+
+
+def shortlist_recall(scores, split_data) -> dict:
+    """The shortlist's recall; on a scenes split over the main captions (foils are false of their own
+    image) and also of the relevance matrix, both as the scenes protocol counts them."""
+    from itmatch.data.scenes.annotations import load_annotations
+    from itmatch.evaluation.protocols import _scenes_setup
+
+    c2i = split_data.caption_to_image
+    if split_data.relevance is None or load_annotations(split_data) is None:
+        return scores.recall(c2i)
+    main, relevance, _, _ = _scenes_setup(scores, c2i, split_data)
+    return scores.recall(c2i, captions=main, relevance=relevance)
 
 
 def cmd_eval(args) -> int:

@@ -144,15 +144,24 @@ class ShortlistScores(ScoreSource):
         values[torch.as_tensor(hit)] = torch.from_numpy(self.exact[slot[hit] - 1])
         return values
 
-    def recall(self, caption_to_image: np.ndarray) -> dict[str, float]:
-        """How much of the ground truth the shortlist holds: the share of (image, own caption) pairs scored
-        exactly (= captions whose image is among their exact candidates), of images with one of their
-        captions among theirs (percentages)."""
+    def recall(self, caption_to_image: np.ndarray, captions: np.ndarray | None = None,
+               relevance: sp.spmatrix | None = None) -> dict[str, float]:
+        """How much of the ground truth the shortlist holds (percentages): `gt_pairs`, the share of (own
+        image, caption) pairs scored exactly (= captions whose image is among their exact candidates);
+        `i2t`, images with one of their captions among theirs; `pairs_scored`. `captions` restricts the
+        ground truth to those captions (scenes: the main ones, not the foils, which are false of their
+        image); with `relevance` (captions x images) also `relevant_pairs`, the share of all relevant
+        pairs of those captions that are scored exactly (what mAP@R ranks)."""
         c2i = np.asarray(caption_to_image, dtype=np.int64)
-        inside = np.asarray(self.shortlist[c2i, np.arange(len(c2i))]).ravel().astype(bool)
+        cols = np.arange(len(c2i)) if captions is None else np.asarray(captions, dtype=np.int64)
+        inside = np.asarray(self.shortlist[c2i[cols], cols]).ravel().astype(bool)
         per_image = np.zeros(self.shape[0], dtype=bool)
-        per_image[c2i[inside]] = True
-        has_caption = np.bincount(c2i, minlength=self.shape[0]) > 0
-        return {"gt_pairs": 100.0 * inside.mean(),
-                "i2t": 100.0 * per_image[has_caption].mean(), "pairs_scored": 100.0 * self.shortlist.nnz / max(
-                    1, self.shape[0] * self.shape[1])}
+        per_image[c2i[cols][inside]] = True
+        has_caption = np.bincount(c2i[cols], minlength=self.shape[0]) > 0
+        out = {"gt_pairs": 100.0 * inside.mean(), "i2t": 100.0 * per_image[has_caption].mean(),
+               "pairs_scored": 100.0 * self.shortlist.nnz / max(1, self.shape[0] * self.shape[1])}
+        if relevance is not None:
+            rel = sp.csr_matrix(relevance, dtype=bool)[cols].tocoo()
+            hits = np.asarray(self.shortlist[rel.col, cols[rel.row]]).ravel().astype(bool)
+            out["relevant_pairs"] = 100.0 * hits.mean() if hits.size else float("nan")
+        return out
