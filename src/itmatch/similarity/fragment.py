@@ -209,8 +209,9 @@ def pair_fragment_scores(img_frag: torch.Tensor, img_mask: torch.Tensor, txt_fra
 
 
 # Word rows gathered per GEMM on the candidate path: 2 MiB of float32 at d 1024, about one core's L2,
-# so the gathered words are still in cache when the GEMM reads them (measured at Flickr30K test size,
-# k = 100, 1 thread: 512 rows 7.2 ms per image, the whole candidate list at once 15-17 ms).
+# so the gathered words are still in cache when the GEMM reads them (a one-off prototype at Flickr30K
+# test size, k = 100, 1 thread: 512 rows 7.2 ms per image, the whole candidate list at once 15-17 ms;
+# benchmarks/bench_fragment_scoring.py times the whole stage against the sharded path).
 CANDIDATE_CHUNK_BYTES = 2 << 20
 
 
