@@ -220,13 +220,10 @@ class CaptionWords:
     any subset of captions can be read as its real words only: no padded slot, no copy of the set."""
 
     def __init__(self, txt_frag: torch.Tensor, txt_mask: torch.Tensor):
-        self.table = txt_frag.reshape(-1, txt_frag.shape[-1])  # a view: fragments are contiguous
+        self.table = txt_frag.reshape(-1, txt_frag.shape[-1])  # a view of contiguous (stored) fragments
         self.rows = torch.nonzero(txt_mask.reshape(-1)).squeeze(1)  # caption-major: caption c's words together
         self.lengths = txt_mask.sum(1)
         self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
-
-    def __len__(self) -> int:
-        return int(self.lengths.shape[0])
 
     def gather_index(self, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows into `table`, position in `captions` of each row) of the real words of `captions`, in order."""
