@@ -187,6 +187,28 @@ def test_set_and_score_search_with_full_candidates_is_exhaustive(method, tiny_sc
     assert [h.key for h in index.search_text(QUERIES[0], 10, candidates=n_vectors)] == keys[1:]
 
 
+def test_set_search_returns_k_items_when_one_items_elements_fill_the_shortlist(tiny_scenes, test_collection, tmp_path):
+    """Collapsed sets (all K elements of an item equal, as trained maxmatch image sets are) put K copies
+    of each item among the nearest elements: a shortlist of n < k x K elements holds fewer than k items."""
+    import itmatch
+    from itmatch.checkpoint import read_checkpoint_config, save_pretrained
+
+    path = save_random_model(tiny_scenes, tmp_path / "toy", method="toy_set")
+    net, _, tokenizer = itmatch.load(path)
+    with torch.no_grad():
+        net.slots.copy_(net.slots[:1].expand_as(net.slots))  # every slot the same: every set collapses
+    model = ModelHandle(save_pretrained(net, tokenizer, read_checkpoint_config(path), tmp_path / "collapsed"))
+    index = build(model, test_collection, tmp_path / "ix", progress=False)
+    n_images = sum(it.side == "image" for it in test_collection.items)
+    assert n_images > 10
+    for q in QUERIES:
+        keys, scores = exhaustive_top(model, tiny_scenes, q)
+        hits = index.search_text(q, 10, candidates=1)  # 10 elements per query element: at most 4 items
+        # one vector per item in effect, so the k x K nearest elements are the exhaustive top-k
+        assert [h.key for h in hits] == keys
+        np.testing.assert_allclose([h.score for h in hits], scores, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["ivf:nlist=4,nprobe=4", "hnsw:m=8,ef_search=64"])
 def test_approximate_backends_match_flat_when_exhaustive(backend, vse, vse_index, test_collection, tmp_path):
     index = build(vse, test_collection, tmp_path / "ix", backend=backend, progress=False)

@@ -222,13 +222,21 @@ class SearchIndex:
             out.append(s.float().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
+    def _live(self, side: str, ids: np.ndarray) -> np.ndarray:
+        live = self._side(side)[2]
+        return ids[np.fromiter((int(i) in live for i in ids), bool, len(ids))]  # vectors of removed items
+
     def search(self, query: Encoding, side: str, k: int = 10, candidates: int | None = None) -> list[Hit]:
         if k < 1:
             raise ItmatchError("k must be >= 1")
         n = candidates if candidates is not None else (k if self.kind == "global" else max(100, 10 * k))
-        ids = self.candidates(side, query, max(n, k))
-        live = self._side(side)[2]
-        ids = ids[np.fromiter((int(i) in live for i in ids), bool, len(ids))]  # vectors of removed items
+        ids = self._live(side, self.candidates(side, query, max(n, k)))
+        enc = self._side(side)[1] if self.kind == "set" and len(ids) < k else None
+        set_size = int(enc.shape[1]) if enc is not None else 0
+        if set_size and n < k * set_size:
+            # the n nearest elements may belong to fewer than k items (an item's elements crowd together,
+            # all K of them when its set collapsed): k x K elements per query element always hold k items
+            ids = self._live(side, self.candidates(side, query, k * set_size))
         if len(ids) == 0:
             return []
         scores = self.rerank(side, query, ids)
