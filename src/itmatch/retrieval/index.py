@@ -226,9 +226,8 @@ class SearchIndex:
         live = self._side(side)[2]
         return ids[np.fromiter((int(i) in live for i in ids), bool, len(ids))]  # vectors of removed items
 
-    def search(self, query: Encoding, side: str, k: int = 10, candidates: int | None = None) -> list[Hit]:
-        if k < 1:
-            raise ItmatchError("k must be >= 1")
+    def shortlist(self, side: str, query: Encoding, k: int = 10, candidates: int | None = None) -> np.ndarray:
+        """Ids of the items `search` re-ranks: found by the vector index, removed items left out."""
         n = candidates if candidates is not None else (k if self.kind == "global" else max(100, 10 * k))
         ids = self._live(side, self.candidates(side, query, max(n, k)))
         enc = self._side(side)[1] if self.kind == "set" and len(ids) < k else None
@@ -237,6 +236,12 @@ class SearchIndex:
             # the n nearest elements may belong to fewer than k items (an item's elements crowd together,
             # all K of them when its set collapsed): k x K elements per query element always hold k items
             ids = self._live(side, self.candidates(side, query, k * set_size))
+        return ids
+
+    def search(self, query: Encoding, side: str, k: int = 10, candidates: int | None = None) -> list[Hit]:
+        if k < 1:
+            raise ItmatchError("k must be >= 1")
+        ids = self.shortlist(side, query, k, candidates)
         if len(ids) == 0:
             return []
         scores = self.rerank(side, query, ids)

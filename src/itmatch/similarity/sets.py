@@ -219,8 +219,9 @@ class SetSimilarity:
         return self.reduce(pair_cosines(img, txt))
 
     def rerank(self, query: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Exact scores of one query set (Kq, D) against candidate sets (C, Kc, D) -> (C,): the
-        re-ranking step of a set-aware search (candidates found by nearest elements)."""
+        """Exact scores of one image set (Ki, D) against caption sets (C, Kt, D) -> (C,), row `query` of
+        `__call__`. The sides keep their places: for a caption query use `self(candidates, query[None])[:, 0]`
+        (Sinkhorn is not symmetric). The search index scores through `model.similarity`, which does that."""
         return self.reduce(element_cosines(query[None], candidates))[0]
 
     def elements_per_pair(self, ki: int, kt: int) -> int:
