@@ -12,6 +12,8 @@ shortcut against the exact assignment.
    `TILE_ELEMENTS` floats; the script also reports the peak RSS of each arm, each in a fresh process.
 3. `--run`: on a trained model's encodings of a split, rankings of the top-k pairs inference
    (k = 1..K*K) against the exact assignment: top-1 agreement, top-10 overlap, rSum of each.
+4. `--maxpair-paths` (alone): the scoring path `maxpair_table_scores` against the cosine tensor path
+   it replaced and single-vector, through benchmarks/harness.py (paired per-round ratios).
 Arms alternate in rounds within one run; medians are printed with their ratios.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +31,7 @@ import torch
 
 from itmatch.objectives.ranking import HingeLoss
 from itmatch.similarity.dense import dot_similarity, l2_normalize
-from itmatch.similarity.sets import SetSimilarity
+from itmatch.similarity.sets import SetSimilarity, element_cosines
 
 
 def unit(*shape, seed=0):
@@ -86,14 +89,21 @@ def evaluation_arm(name: str, args):
     if name == "single-vector":
         img, txt = unit(n_img, d, seed=5), unit(n_cap, d, seed=6)
         return lambda: [b for _, _, b in embedding_scores(img, txt).row_blocks()]
-    kind = {"exact maxpair": "maxpair", "chamfer": "chamfer", "top-k pairs": "topk"}[name]
+    kind = {"exact maxpair": "maxpair", "exact maxpair, cosine tensor": "maxpair", "chamfer": "chamfer",
+            "top-k pairs": "topk"}[name]
     sim = SetSimilarity(kind)
     img, txt = unit(n_img, k, d, seed=7), unit(n_cap, k, d, seed=8)
-    source = model_scores(sim, img, txt, sim.score_block(k, k), pair_similarity=sim.pairs)
+    score = sim
+    if name == "exact maxpair, cosine tensor":  # the path before maxpair_table_scores: (N, M, K, K) cosines, reduced
+
+        def score(i, t):
+            return sim.reduce(element_cosines(i, t))
+
+    source = model_scores(score, img, txt, sim.score_block(k, k), pair_similarity=sim.pairs)
     return lambda: [b for _, _, b in source.row_blocks()]
 
 
-EVAL_ARMS = ("single-vector", "exact maxpair", "chamfer", "top-k pairs")
+EVAL_ARMS = ("single-vector", "exact maxpair", "exact maxpair, cosine tensor", "chamfer", "top-k pairs")
 
 
 def evaluation(args) -> None:
@@ -101,11 +111,31 @@ def evaluation(args) -> None:
     block = SetSimilarity("maxpair").score_block(args.k, args.k)
     report(f"evaluation: all scores of 1,000 x 5,000, D={args.dim}, K={args.k} (set tile {block[0]} x {block[1]})",
            rounds(arms, max(1, args.rounds // 2)), "single-vector")
+    sim = SetSimilarity("maxpair")
+    img, txt = unit(1000, args.k, args.dim, seed=7), unit(5000, args.k, args.dim, seed=8)
+    same, worst = True, 0.0
+    for start in range(0, 1000, 250):  # the two maxpair arms' scores, block by block
+        new, old = sim(img[start:start + 250], txt), sim.reduce(element_cosines(img[start:start + 250], txt))
+        same, worst = same and torch.equal(new, old), max(worst, float((new - old).abs().max()))
+    print(f"exact maxpair vs cosine tensor path: bitwise equal {same}, max |difference| {worst:.3g}")
     print("\npeak RSS of each arm (fresh process, one pass):")
     for name in EVAL_ARMS:
         out = subprocess.run([sys.executable, __file__, "--memory-arm", name, "--dim", str(args.dim),
                               "--k", str(args.k)], capture_output=True, text=True, check=True)
         print(f"- {name}: {json.loads(out.stdout.strip().splitlines()[-1])}")
+
+
+def maxpair_paths(args) -> None:
+    """The exact maxpair scoring paths only, through the shared harness (arms rotate within rounds,
+    paired per-round ratios): single-vector, `maxpair_table_scores`, the cosine tensor path."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from harness import Bench
+
+    bench = Bench("exact set scoring paths, 1,000 x 5,000", argparse.Namespace(threads=1, rounds=args.rounds,
+                                                                             repeats=1, json=None))
+    names = ("single-vector", "exact maxpair", "exact maxpair, cosine tensor")
+    times = bench.compare({name: evaluation_arm(name, args) for name in names})
+    bench.report(times, baseline="single-vector", unit="s", label=f"D={args.dim}, K={args.k}")
 
 
 def _status_kib(field: str) -> int:
@@ -171,10 +201,15 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="a trained set model's run folder or checkpoint (part 3)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--maxpair-paths", action="store_true",
+                    help="only time the exact maxpair scoring paths against single-vector (harness, --rounds rounds)")
     ap.add_argument("--memory-arm", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_arm:
         memory_arm(args)
+        return
+    if args.maxpair_paths:
+        maxpair_paths(args)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
     if not args.skip_timing:
