@@ -136,6 +136,19 @@ def maxpair_paths(args) -> None:
     names = ("single-vector", "exact maxpair", "exact maxpair, cosine tensor")
     times = bench.compare({name: evaluation_arm(name, args) for name in names})
     bench.report(times, baseline="single-vector", unit="s", label=f"D={args.dim}, K={args.k}")
+    bench.report({name: times[name] for name in names[1:]}, baseline=names[2], unit="s", label="the two paths")
+    # a search query: one set against the items of a re-ranking tile (why TABLE_MIN_ITEMS exists)
+    from itmatch.similarity.sets import maxpair_scores, maxpair_table_scores
+
+    queries, items = unit(50, args.k, args.dim, seed=9), unit(1024, args.k, args.dim, seed=10)
+    arms = {"one query x 1,024: cosine tensor path":
+            lambda: [maxpair_scores(element_cosines(queries[q:q + 1], items)) for q in range(50)],
+            "one query x 1,024: maxpair_table_scores":
+            lambda: [maxpair_table_scores(queries[q:q + 1], items) for q in range(50)]}
+    with torch.inference_mode():
+        times = bench.compare(arms)
+    bench.report(times, baseline="one query x 1,024: cosine tensor path", unit="ms",
+                 label="50 single queries, each against 1,024 sets", rate=(50, "queries/s"))
 
 
 def _status_kib(field: str) -> int:

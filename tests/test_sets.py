@@ -158,13 +158,16 @@ def test_unknown_choices_are_refused():
 def test_scoring_path_of_maxpair_equals_the_assignment_of_the_cosine_tensor(ki, kt, dtype):
     """The evaluation path (cosines written per element pair, no permuted copy) scores like the
     training path on the (N, M, Ki, Kt) cosines, which the tests above check against scipy and a loop."""
-    img, txt = unit_sets(37, ki, 24, 3).to(dtype), unit_sets(53, kt, 24, 4).to(dtype)
+    n, m = S.TABLE_MIN_ITEMS + 3, S.TABLE_MIN_ITEMS + 11
+    img, txt = unit_sets(n, ki, 24, 3).to(dtype), unit_sets(m, kt, 24, 4).to(dtype)
     ref = S.maxpair_scores(S.element_cosines(img, txt), "mean")
     got = S.maxpair_table_scores(img, txt)
-    assert got.dtype == dtype and got.shape == (37, 53)
+    assert got.dtype == dtype and got.shape == (n, m)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
     sim = S.SetSimilarity("maxpair")
     torch.testing.assert_close(sim(img, txt), got, rtol=0, atol=0)  # __call__ takes it when no gradient is needed
+    one = S.maxpair_scores(S.element_cosines(img[:1], txt), "mean")
+    torch.testing.assert_close(sim(img[:1], txt), one, rtol=0, atol=0)  # one query: the cosine tensor path
     a = img.clone().requires_grad_()
     train = sim(a, txt)  # with gradient: the cosine tensor path, gradient only through matched pairs
     torch.testing.assert_close(train.detach(), got, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)

@@ -40,6 +40,10 @@ SCALINGS = ("mean", "exp")
 MAX_ENUMERATED = 720
 # float32 elements one scored tile may hold (cosines + assignment totals): 64 MiB
 TILE_ELEMENTS = 2**24
+# items on each side from which scoring uses `maxpair_table_scores`: with fewer (a search query is
+# one item) its K x K thin products, each re-reading the other side, were 1.5-3x slower than the
+# single product of the cosine tensor path (benchmarks/bench_set_search.py, 1 thread)
+TABLE_MIN_ITEMS = 64
 
 
 def element_cosines(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
@@ -144,7 +148,8 @@ def maxpair_scores(cos: torch.Tensor, scaling: str = "mean") -> torch.Tensor:
 
 def maxpair_table_scores(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
     """(N, Ki, D) x (M, Kt, D) -> (N, M): `maxpair_scores(element_cosines(img, txt))` with scaling
-    "mean" and no gradient (evaluation and search), the same values bit for bit, faster.
+    "mean" and no gradient (evaluation and search), faster; the same values up to the rounding of the
+    products (bit for bit on the 1,000 x 5,000 benchmark).
 
     The cosines are written element pair by element pair, A[a, b] = img[:, a] @ txt[:, b].T, so the
     (Ki*Kt, N*M) table is already in the layout the assignment product wants: no permuted copy of
@@ -232,8 +237,9 @@ class SetSimilarity:
 
     def __call__(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         """(N, Ki, D) x (M, Kt, D) -> (N, M)."""
-        if (self.kind == "maxpair" and self.scaling == "mean" and n_assignments(img.shape[1], txt.shape[1])
-                <= MAX_ENUMERATED and not (torch.is_grad_enabled() and (img.requires_grad or txt.requires_grad))):
+        if (self.kind == "maxpair" and self.scaling == "mean" and min(len(img), len(txt)) >= TABLE_MIN_ITEMS
+                and n_assignments(img.shape[1], txt.shape[1]) <= MAX_ENUMERATED
+                and not (torch.is_grad_enabled() and (img.requires_grad or txt.requires_grad))):
             return maxpair_table_scores(img, txt)  # scoring only: the same values without the permuted copy
         return self.reduce(element_cosines(img, txt))
 
