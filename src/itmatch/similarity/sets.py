@@ -41,8 +41,8 @@ MAX_ENUMERATED = 720
 # float32 elements one scored tile may hold (cosines + assignment totals): 64 MiB
 TILE_ELEMENTS = 2**24
 # items on each side from which scoring uses `maxpair_table_scores`: with fewer (a search query is
-# one item) its K x K thin products, each re-reading the other side, were 1.5-3x slower than the
-# single product of the cosine tensor path (benchmarks/bench_set_search.py, 1 thread)
+# one item) its K x K thin products, each re-reading the other side, were 1.5-1.8x slower than the
+# single product of the cosine tensor path (benchmarks/bench_sets.py --maxpair-paths, 1 thread)
 TABLE_MIN_ITEMS = 64
 
 
@@ -248,7 +248,7 @@ class SetSimilarity:
         return self.reduce(pair_cosines(img, txt))
 
     def rerank(self, query: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Exact scores of one image set (Ki, D) against caption sets (C, Kt, D) -> (C,), row `query` of
+        """Exact scores of one image set (Ki, D) against caption sets (C, Kt, D) -> (C,): one row of
         `__call__`. The sides keep their places: for a caption query use `self(candidates, query[None])[:, 0]`
         (Sinkhorn is not symmetric). The search index scores through `model.similarity`, which does that."""
         return self.reduce(element_cosines(query[None], candidates))[0]
