@@ -279,3 +279,17 @@ def test_scenes_generation_reports_progress_off_a_terminal(tmp_path, monkeypatch
     assert main(["data", "scenes", "--out", str(tmp_path / "s"), "--size", "tiny", "--no-features"]) == 0
     err = capsys.readouterr().err
     assert "scenes train: 64/120 img (53%" in err  # one line per update here; none at the end
+
+
+def test_partial_checkpoint_writes_are_removed_and_finished_ones_kept(tmp_path):
+    from itmatch.checkpoint import remove_partial_saves
+
+    run = tmp_path / "run"
+    keep = [run / "best", run / "checkpoints" / "step-4", run / ".hidden-user-folder"]
+    junk = [run / ".best.tmp-ab12", run / "checkpoints" / ".step-8.tmp-x9", run / "checkpoints" / ".step-4.old"]
+    for folder in keep + junk:
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"x")
+    assert sorted(remove_partial_saves(run)) == sorted(junk)
+    assert all(f.is_dir() for f in keep) and not any(f.exists() for f in junk)
+    assert remove_partial_saves(tmp_path / "missing") == []

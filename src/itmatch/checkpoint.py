@@ -56,6 +56,21 @@ def save_pretrained(model, tokenizer, cfg: Config, folder: str | Path, training_
     return folder
 
 
+def remove_partial_saves(run_dir: str | Path) -> list[Path]:
+    """Delete what a checkpoint writer killed mid-save left behind (`.NAME.tmp-*` folders, `.NAME.old`
+    swaps) in a run folder and its `checkpoints/`. Only call it while holding the run's lock: then no
+    other process can be writing them. Returns what was removed."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.is_dir() and entry.name.startswith(".") and (".tmp-" in entry.name or entry.name.endswith(".old")):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
 def _fingerprint(path: Path) -> dict:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -259,6 +259,9 @@ class Trainer:
         with lock, StopRequest(enabled=not self.dist.enabled) as stop:
             self._stop = stop
             self._lock_note = lock.stale if self.dist.is_main else None
+            if self.dist.is_main:  # a writer killed mid-save (kill -9, OOM) leaves its temporary folder
+                self.resume_notes += [f"removed the unfinished checkpoint write {p.name}"
+                                      for p in ckpt.remove_partial_saves(self.run_dir)]
             try:
                 return self._fit()
             except ItmatchError as exc:  # the terminal gets one (possibly cut) line; the log keeps it whole
