@@ -3,7 +3,9 @@
 Through the harness (benchmarks/harness.py), alternating the arms in rounds:
   - training step (forward, loss, backward, AdamW) on the scenes shapes (batch 128, 12 regions x
     1280-d, d=256): vse (GPO), hrem's fragment level alone (instance level not yet on), hrem with the
-    instance-level graph (fusion, standalone);
+    instance-level graph (fusion, standalone); vse and hrem fusion also as they ran before the CPU fast
+    paths (GPO's kernels, the fragment attention on real fragments only), and hrem fusion with the
+    former unchunked matching;
   - the same on the paper's shapes (batch 128, 36 regions x 2048-d, 32 words, d=1024, BiGRU) on
     synthetic features: vse vs hrem fusion, plus the instance-level objective alone and the fragment
     matching alone;
@@ -125,6 +127,7 @@ def step_memory(arm: str) -> dict:
 
 
 FORMER = ", former matching"
+BEFORE = ", before the CPU fast paths"
 
 
 def main() -> None:
@@ -159,6 +162,10 @@ def main() -> None:
             "hrem standalone (full)": cfg("hrem_scenes_standalone.yaml", INSTANCE_ON),
         }
         arms = {name: cycling(make_stepper(c, tok), batches) for name, c in variants.items()}
+        # the same steps before the CPU fast paths (GPO kernels, packed fragment attention)
+        arms["vse (GPO)" + BEFORE] = cycling(make_stepper(vse, tok, cpu_kernels=False), batches)
+        arms["hrem fusion (full)" + BEFORE] = cycling(make_stepper(variants["hrem fusion (full)"], tok,
+                                                                   cpu_kernels=False), batches)
         fusion_former = cycling(make_stepper(variants["hrem fusion (full)"], tok), batches)
 
         def former_step():

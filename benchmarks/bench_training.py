@@ -36,8 +36,10 @@ from itmatch.training.optim import build_optimizer  # noqa: E402
 def make_stepper(cfg, tokenizer, cpu_kernels: bool = True):
     """One full training step (forward, loss, backward, clipping, AdamW) of `cfg`'s method, seed 0.
 
-    `cpu_kernels=False` runs GPO through its generic torch path (numpy argsort + gather, `nn.GRU` on
-    packed sequences): the implementation before the CPU kernels, for a before/after in one run."""
+    `cpu_kernels=False` runs the implementation before the CPU fast paths, for a before/after in one
+    run: GPO through its generic torch path (numpy argsort + gather, `nn.GRU` on packed sequences)
+    and the fragment self-attention (HREM, TERAN) on the padded batch."""
+    from itmatch.encoders.fragments import FragmentSelfAttention
     from itmatch.encoders.pooling import GPO
 
     torch.manual_seed(0)
@@ -45,6 +47,8 @@ def make_stepper(cfg, tokenizer, cpu_kernels: bool = True):
     for module in model.modules():
         if isinstance(module, GPO):
             module.cpu_kernels = cpu_kernels
+        if isinstance(module, FragmentSelfAttention):
+            module.packed = cpu_kernels
     objective = build_objective(cfg, model)
     opt = build_optimizer(model, objective, cfg.optim)
     model.train()
