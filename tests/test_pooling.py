@@ -321,3 +321,16 @@ def test_gpo_cpu_kernels_equal_the_generic_path_in_values_and_gradients(seed):
     torch.testing.assert_close(gx.sum(1), ref_gx.sum(1), **tol)
     for a, b in zip(gp, ref_gp, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_gpo_backward_can_run_twice_on_a_retained_graph():
+    """Per-term gradient norms (training.grad_norms) run backward several times through one graph."""
+    torch.manual_seed(4)
+    gpo = GPO(pe_dim=8, hidden=6)
+    x, mask, _ = ragged(seed=7)
+    x.requires_grad_(True)
+    out = gpo(x, mask).sum()
+    first = torch.autograd.grad(out, [x, *gpo.parameters()], retain_graph=True)
+    second = torch.autograd.grad(out, [x, *gpo.parameters()])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -54,7 +54,7 @@ def rank_keys(x: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     float32, so one numpy value sort (SIMD; about 3x faster than numpy's argsort on these short
     rows, which was most of GPO's ordering cost) gives the order of distinct values (tied values come
     out in an order fixed by their positions) and keeps each value recoverable by rounding the key
-    back to float32."""
+    back to float32. For finite x (an infinite value's tagged key would read as NaN)."""
     b, length, d = x.shape
     if length >= 2 ** _RANK_BITS:
         raise ValueError("rank_keys: too many fragments per row")
@@ -108,8 +108,7 @@ class _RankWeightedSum(torch.autograd.Function):
             grad_x = grad_t.transpose(1, 2)
         if ctx.needs_input_grad[2]:
             grad_w = (grad.unsqueeze(-1) * values).sum(1)
-        ctx.keys = None
-        return grad_x, None, grad_w
+        return grad_x, None, grad_w  # ctx.keys stays: a graph kept with retain_graph may run backward again
 
 
 class MeanPool(nn.Module):
