@@ -47,7 +47,7 @@ def _masked_max(sim: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tenso
     return sim.masked_fill(~valid, float("-inf")).amax(dim=dim)
 
 
-# Elements of one image chunk's (n, R, Nt, T) score block on the no-grad path: 4M floats = 16 MiB,
+# Elements of one image chunk's (n, R, N_words) score block on the no-grad path: 4M floats = 16 MiB,
 # small enough to stay near the cache and to bound memory at any batch size.
 CHUNK_ELEMENTS = 1 << 22
 
