@@ -3,7 +3,8 @@
 Through the harness (benchmarks/harness.py), alternating the arms in rounds:
   - training step (forward, loss, backward, AdamW) on the scenes shapes (batch 128, 12 regions x
     1280-d, d=256): vse (GPO), hrem's fragment level alone (instance level not yet on), hrem with the
-    instance-level graph (fusion, standalone);
+    instance-level graph (fusion, standalone); vse and hrem fusion also as they ran before the CPU fast
+    paths (GPO's kernels; the fragment attention and the fragment matching on real fragments only);
   - the same on the paper's shapes (batch 128, 36 regions x 2048-d, 32 words, d=1024, BiGRU) on
     synthetic features: vse vs hrem fusion, plus the instance-level objective alone and the fragment
     matching alone;
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training import cycling, encode_rates, make_stepper, training_batches  # noqa: E402
@@ -97,14 +99,62 @@ def matching_arm(cfg, batch, former: bool = False):
     return run
 
 
-class former_matching:
-    """Context: route the no-grad matching through the former unchunked formulation (when `on`)."""
+@torch.no_grad()
+def padded_matching_maxima(img_frag, img_mask, txt_frag, txt_mask, scores, eps: float = 1e-12):
+    """The no-grad matching before it was packed to the real words (kept here for the before/after arm):
+    one (n, R, Nt, T) block of images at a time, updated in place.
 
-    def __init__(self, on: bool):
+    Padded fragments are zeroed before the matmul, so their scores are 0 exactly as the masked_fill
+    of the autograd path leaves them, and the norms need no mask. After the norms, padded entries
+    become -inf once, so both maxima skip them with no further masks or copies."""
+    r = F.normalize(img_frag, dim=-1) * img_mask[..., None]
+    c = F.normalize(txt_frag, dim=-1) * txt_mask[..., None]
+    ni, nr = r.shape[:2]
+    nt, nw = c.shape[:2]
+    c_t = c.reshape(nt * nw, -1).T
+    region_best = r.new_empty(ni, nt, nr)
+    word_best = r.new_empty(nt, ni, nw)
+    # Padded slots as flat indices, filled with -inf by index (cheaper than a broadcast boolean mask).
+    pad_words = torch.nonzero(~txt_mask.reshape(-1)).squeeze(1)
+    pad_regions = torch.nonzero(~img_mask.reshape(-1)).squeeze(1)
+    step = max(1, fragment.CHUNK_ELEMENTS // (nr * nt * nw))
+    for start in range(0, ni, step):
+        stop = min(ni, start + step)
+        n = stop - start
+        sim = (r[start:stop].reshape(-1, r.shape[-1]) @ c_t).view(n, nr, nt, nw)
+        if scores == "scan":
+            F.leaky_relu_(sim, 0.1)
+            squares = sim.square()
+            # the norms F.normalize divides by, from one tensor of squares: across regions, across words
+            to_regions = squares.sum(1, keepdim=True).sqrt_().clamp_min_(eps)
+            to_words = squares.sum(3, keepdim=True).sqrt_().clamp_min_(eps)
+            del squares
+        flat = sim.view(n * nr, nt * nw)
+        if len(pad_words):
+            flat.index_fill_(1, pad_words, float("-inf"))
+        rows = pad_regions[(pad_regions >= start * nr) & (pad_regions < stop * nr)] - start * nr
+        if len(rows):
+            flat.index_fill_(0, rows, float("-inf"))
+        if scores == "scan":
+            region_best[start:stop] = torch.div(sim, to_regions).amax(3).transpose(1, 2)
+            word_best[:, start:stop] = torch.div(sim, to_words).amax(1).transpose(0, 1)
+        else:
+            region_best[start:stop] = sim.amax(3).transpose(1, 2)
+            word_best[:, start:stop] = sim.amax(1).transpose(0, 1)
+    return region_best, word_best
+
+
+class former_matching:
+    """Context: route the no-grad matching through a former formulation (when `on`): the unchunked
+    autograd one (`on=True`), or `"padded"`: the chunked one on padded captions (before packing)."""
+
+    def __init__(self, on):
         self.on, self.saved = on, fragment._matching_maxima_nograd
 
     def __enter__(self):
-        if self.on:
+        if self.on == "padded":
+            fragment._matching_maxima_nograd = padded_matching_maxima
+        elif self.on:
             fragment._matching_maxima_nograd = fragment._matching_maxima_autograd
 
     def __exit__(self, *exc):
@@ -125,6 +175,7 @@ def step_memory(arm: str) -> dict:
 
 
 FORMER = ", former matching"
+BEFORE = ", before the CPU fast paths"
 
 
 def main() -> None:
@@ -159,12 +210,15 @@ def main() -> None:
             "hrem standalone (full)": cfg("hrem_scenes_standalone.yaml", INSTANCE_ON),
         }
         arms = {name: cycling(make_stepper(c, tok), batches) for name, c in variants.items()}
-        fusion_former = cycling(make_stepper(variants["hrem fusion (full)"], tok), batches)
+        # the same steps before the CPU fast paths (GPO's kernels; the fragment attention and the
+        # matching on real fragments only)
+        arms["vse (GPO)" + BEFORE] = cycling(make_stepper(vse, tok, cpu_kernels=False), batches)
+        fusion_before = cycling(make_stepper(variants["hrem fusion (full)"], tok, cpu_kernels=False), batches)
 
-        def former_step():
-            with former_matching(True):
-                fusion_former()
-        arms["hrem fusion" + FORMER] = former_step
+        def before_step():
+            with former_matching("padded"):
+                fusion_before()
+        arms["hrem fusion (full)" + BEFORE] = before_step
         bench.report(bench.compare(arms, warmup=2), baseline="vse (GPO)", rate=(128, "samples/s"),
                      label=f"training step, scenes shapes ({root}): batch 128, 12 regions x 1280-d, d=256")
         enc = {"vse": vse, "hrem (instance level on)": cfg("hrem_scenes.yaml", INSTANCE_ON),

@@ -33,10 +33,22 @@ from itmatch.objectives.base import TrainProgress  # noqa: E402
 from itmatch.training.optim import build_optimizer  # noqa: E402
 
 
-def make_stepper(cfg, tokenizer):
-    """One full training step (forward, loss, backward, clipping, AdamW) of `cfg`'s method, seed 0."""
+def make_stepper(cfg, tokenizer, cpu_kernels: bool = True):
+    """One full training step (forward, loss, backward, clipping, AdamW) of `cfg`'s method, seed 0.
+
+    `cpu_kernels=False` runs the implementation before the CPU fast paths, for a before/after in one
+    run: GPO through its generic torch path (numpy argsort + gather, `nn.GRU` on packed sequences)
+    and the fragment self-attention (HREM, TERAN) on the padded batch."""
+    from itmatch.encoders.fragments import FragmentSelfAttention
+    from itmatch.encoders.pooling import GPO
+
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer)
+    for module in model.modules():
+        if isinstance(module, GPO):
+            module.cpu_kernels = cpu_kernels
+        if isinstance(module, FragmentSelfAttention):
+            module.packed = cpu_kernels
     objective = build_objective(cfg, model)
     opt = build_optimizer(model, objective, cfg.optim)
     model.train()
@@ -82,19 +94,10 @@ def training_batches(cfg, split, tokenizer, n: int) -> list:
     return [b for _, b in zip(range(n), loader)]
 
 
-def former_gpo(gpo, x, mask):
-    """GPO's forward before the numpy ordering (torch.sort along L), for a before/after in one run."""
-    sizes = mask.sum(1)
-    width = max(int(sizes.max()), 1)
-    sorted_x = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).sort(dim=1, descending=True).values[:, :width]
-    sorted_x = sorted_x.masked_fill(~(torch.arange(width)[None] < sizes[:, None]).unsqueeze(-1), 0.0)
-    weights = gpo.rank_weights(sizes.clamp(min=1), width).to(x.dtype)
-    return (sorted_x * weights.unsqueeze(-1)).sum(1)
-
-
 def pooling_arms(cfg, tokenizer, batch) -> dict:
-    """Forward + backward of each pooler alone on one batch's image and caption fragments, and GPO's parts."""
-    from itmatch.encoders.pooling import GPO, MeanPool, descending_order, set_sizes
+    """Forward + backward of each pooler alone on one batch's image and caption fragments, and GPO's parts,
+    each with its CPU kernel and through the generic torch path."""
+    from itmatch.encoders.pooling import GPO, MeanPool, descending_order, rank_keys, set_sizes
 
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer).train()
@@ -102,7 +105,9 @@ def pooling_arms(cfg, tokenizer, batch) -> dict:
         out = model(*batch)
     frags = [(out["img_frag"].detach().requires_grad_(True), out["img_mask"]),
              (out["txt_frag"].detach().requires_grad_(True), out["txt_mask"])]
-    gpo = GPO()
+    gpo, generic = GPO(), GPO()
+    generic.load_state_dict(gpo.state_dict())
+    generic.cpu_kernels = False
 
     def arm(pool):
         def run():
@@ -110,16 +115,20 @@ def pooling_arms(cfg, tokenizer, batch) -> dict:
                 pool(x, mask).sum().backward()
         return run
 
-    def weights_only(x, mask):
-        return gpo.rank_weights(set_sizes(mask), int(mask.sum(1).max()))
+    def weights_only(module):
+        return lambda x, mask: module.rank_weights(set_sizes(mask), int(mask.sum(1).max()))
 
-    def order_only():
-        for x, mask in frags:
-            descending_order(x, mask, int(mask.sum(1).max()))
+    def order_only(fn):
+        def run():
+            for x, mask in frags:
+                fn(x, mask)
+        return run
 
-    return {"mean pooling": arm(MeanPool()), "GPO": arm(gpo), "GPO, former (torch.sort)":
-            arm(lambda x, m: former_gpo(gpo, x, m)), "GPO part: rank weights (GRU)": arm(weights_only),
-            "GPO part: order (numpy argsort)": order_only}
+    return {"mean pooling": arm(MeanPool()), "GPO": arm(gpo), "GPO, generic torch path": arm(generic),
+            "GPO part: rank weights (numpy GRU)": arm(weights_only(gpo)),
+            "GPO part: rank weights (nn.GRU packed)": arm(weights_only(generic)),
+            "GPO part: order (value sort of keys)": order_only(rank_keys),
+            "GPO part: order (numpy argsort)": order_only(lambda x, m: descending_order(x, m, x.shape[1]))}
 
 
 def main() -> None:
@@ -140,7 +149,8 @@ def main() -> None:
     batches = training_batches(cfg, train, tokenizer, args.batches)
 
     arms = {"vse, mean pooling": cycling(make_stepper(mean_cfg, tokenizer), batches),
-            "vse, GPO (default)": cycling(make_stepper(cfg, tokenizer), batches)}
+            "vse, GPO (default)": cycling(make_stepper(cfg, tokenizer), batches),
+            "vse, GPO generic torch path": cycling(make_stepper(cfg, tokenizer, cpu_kernels=False), batches)}
     step = bench.report(bench.compare(arms, warmup=2), baseline="vse, mean pooling",
                         label=f"training step, batch {args.batch_size}, data {root}",
                         rate=(args.batch_size, "samples/s"))

@@ -281,3 +281,38 @@ def test_fusion_node_reads_only_its_connected_nodes():
         after_near = layer(changed[:n], changed[n:], graph, 1.0)[0][0]
     torch.testing.assert_close(after_far, before)  # A masks the unconnected nodes out of image 0's update
     assert not torch.allclose(after_near, before)
+
+
+def test_no_grad_matching_on_real_words_handles_empty_captions_and_images():
+    """The no-grad path packs the real words: a caption without words matches nothing (-inf, as the padded
+    formulation gives), an image without regions gets 0 from every word; the rest equals the reference."""
+    from itmatch.similarity.fragment import _matching_maxima_nograd
+
+    img, img_mask = ragged_batch(5, 4, 8, seed=5)
+    txt, txt_mask = ragged_batch(6, 5, 8, seed=6)
+    txt_mask[2] = False
+    img_mask[3] = False
+    for scores in ("scan", "cosine"):
+        region_best, word_best = _matching_maxima_nograd(img, img_mask, txt, txt_mask, scores)
+        ref_region, ref_word = unchunked_maxima(img, img_mask, txt, txt_mask, scores)
+        assert torch.isneginf(region_best[:, 2][img_mask]).all()
+        keep = torch.ones(6, dtype=torch.bool)
+        keep[2] = False
+        rmask = img_mask[:, None, :].expand(5, 6, 4)
+        torch.testing.assert_close(region_best.masked_fill(~rmask, 0.0)[:, keep], ref_region[:, keep])
+        real_words = txt_mask[:, None, :].expand(6, 5, 5).clone()
+        real_words[:, 3] = False  # the image without regions: no best region (the reference has -inf too)
+        torch.testing.assert_close(word_best[real_words], ref_word[real_words])
+        assert torch.isneginf(word_best[:, 3][txt_mask]).all()
+
+
+def test_run_maxima_numpy_and_scatter_paths_agree():
+    from itmatch.similarity.fragment import _run_maxima
+
+    values = torch.randn(7, 12)
+    starts = torch.tensor([0, 3, 4, 9])
+    expected = torch.stack([values[:, 0:3].amax(1), values[:, 3:4].amax(1), values[:, 4:9].amax(1),
+                            values[:, 9:].amax(1)], 1)
+    torch.testing.assert_close(_run_maxima(values, starts), expected, atol=0, rtol=0)
+    half = _run_maxima(values.half(), starts)  # not float32/64: the scatter path
+    torch.testing.assert_close(half, expected.half(), atol=0, rtol=0)

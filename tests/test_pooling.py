@@ -231,3 +231,106 @@ def test_gpo_equals_the_sort_based_implementation_in_values_and_gradients():
     torch.testing.assert_close(new_gx[untied], old_gx[untied], **tol)
     for a, b in zip(new_gp, old_gp, strict=True):  # sums over B x D in another order, x 10 by the temperature
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------- the CPU kernels against the generic path
+def packed_nn_gru(gru, pe, lengths):
+    """The generic path's GRU call: nn.GRU on packed copies of the encodings, padded back."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    seqs = pe.unsqueeze(0).expand(len(lengths), -1, -1)
+    out, _ = gru(pack_padded_sequence(seqs, lengths, batch_first=True, enforce_sorted=False))
+    return pad_packed_sequence(out, batch_first=True, total_length=pe.shape[0])[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_bigru_equals_packed_nn_gru_in_values_and_gradients(dtype):
+    """Float rounding only: to 1e-12 in float64 (so the written-out gradient is the exact one), a few
+    float32 ulps in float32 (numpy and torch evaluate sigmoid/tanh and sum in different orders)."""
+    from itmatch.encoders.rank_gru import rank_bigru, supports
+
+    torch.manual_seed(3)
+    gpo = GPO(pe_dim=8, hidden=6).to(dtype)
+    lengths = torch.tensor([1, 2, 3, 7, 8, 13])  # distinct, ascending, as torch.unique gives them
+    pe = positional_encoding(15, 8).to(dtype)  # wider than the longest: zero rows beyond, as padded
+    assert supports(gpo.gru, pe)
+    upstream = torch.randn(len(lengths), 15, 12, dtype=dtype)
+    results = []
+    for fn in (rank_bigru, packed_nn_gru):
+        out = fn(gpo.gru, pe, lengths)
+        results.append((out, torch.autograd.grad((out * upstream).sum(), list(gpo.gru.parameters()))))
+    (new, new_grads), (ref, ref_grads) = results
+    tol = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 2e-6, "rtol": 1e-5}
+    torch.testing.assert_close(new, ref, **tol)
+    assert (new[0, 1:] == 0).all()  # beyond a set's size: zeros, as pad_packed_sequence gives
+    for a, b in zip(new_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_rank_keys_give_exact_values_in_descending_order_with_ties_and_extremes():
+    from itmatch.encoders.pooling import order_of_keys, rank_keys, values_of_keys
+
+    x = torch.tensor([[[3.0], [-0.0], [1e-45], [3.0], [-3.4e38], [0.0], [3.4e38], [2.5]]])  # (1, 8, 1)
+    x = torch.cat([x, x.flip(1)], 2)  # a second dimension: the same values in reverse positions
+    mask = torch.tensor([[True, True, True, True, True, True, True, False]])  # position 7 is padding
+    keys = rank_keys(x, mask)
+    order = order_of_keys(keys, 7)
+    values = values_of_keys(keys, mask, 7)
+    # 3.0 is tied (positions 0 and 3), and so are -0.0 and 0.0 (1 and 5): either order of a tie is right
+    assert order[0, 0].tolist() in ([6, 0, 3, 2, 1, 5, 4], [6, 3, 0, 2, 1, 5, 4], [6, 0, 3, 2, 5, 1, 4],
+                                    [6, 3, 0, 2, 5, 1, 4])
+    assert sorted(order[0, 1].tolist()) == [0, 1, 2, 3, 4, 5, 6]  # the real positions, each once
+    expected = x[0].gather(0, order[0].T).T  # the values at those positions, bit for bit
+    assert (expected[:, :-1] >= expected[:, 1:]).all()
+    assert torch.equal(values[0].view(torch.int32), expected.view(torch.int32))
+    # ranks beyond the size hold zeros; a row can be wider than the largest set
+    wide = values_of_keys(keys, mask, 8)
+    assert (wide[..., 7] == 0).all() and torch.equal(wide[..., :7], values)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gpo_cpu_kernels_equal_the_generic_path_in_values_and_gradients(seed):
+    """The CPU kernels (value sort of keys, written-out gradients, numpy GRU) against the generic torch
+    path (argsort + gather, nn.GRU packed) at the shapes of a scenes batch: equal to float rounding.
+    Not bitwise: the weighted sum and the GRU add in another order; the weights carry that x 10 (the
+    temperature), hence 1e-5 on the parameter gradients."""
+    torch.manual_seed(seed)
+    new, generic = GPO(), GPO()
+    generic.load_state_dict(new.state_dict())
+    generic.cpu_kernels = False
+    x, mask, _ = ragged(b=32, max_len=20, d=64, seed=seed)
+    x, mask = scatter_padding(x, mask, extra=3)  # padding among the real fragments, wider than any set
+    x[2, :, :8] = 0.25  # ties within a set
+    mask[4] = False  # an empty set
+    upstream = torch.randn(32, 64)
+    results = []
+    for module in (new, generic):
+        leaf = x.clone().requires_grad_(True)
+        out, weights = module(leaf, mask, return_weights=True)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), weights.detach(), leaf.grad, [p.grad for p in module.parameters()]))
+    (out, w, gx, gp), (ref_out, ref_w, ref_gx, ref_gp) = results
+    tol = {"atol": 1e-6, "rtol": 1e-5}
+    torch.testing.assert_close(w, ref_w, **tol)
+    torch.testing.assert_close(out, ref_out, **tol)
+    assert (out[4] == 0).all() and (gx[4] == 0).all()
+    assert (gx[~mask] == 0).all()  # no gradient reaches padding
+    untied = torch.ones_like(mask)
+    untied[2] = False  # a tied value's gradient may go to another of the tied positions
+    torch.testing.assert_close(gx[untied], ref_gx[untied], **tol)
+    torch.testing.assert_close(gx.sum(1), ref_gx.sum(1), **tol)
+    for a, b in zip(gp, ref_gp, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_gpo_backward_can_run_twice_on_a_retained_graph():
+    """Per-term gradient norms (training.grad_norms) run backward several times through one graph."""
+    torch.manual_seed(4)
+    gpo = GPO(pe_dim=8, hidden=6)
+    x, mask, _ = ragged(seed=7)
+    x.requires_grad_(True)
+    out = gpo(x, mask).sum()
+    first = torch.autograd.grad(out, [x, *gpo.parameters()], retain_graph=True)
+    second = torch.autograd.grad(out, [x, *gpo.parameters()])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from itmatch.encoders import packed_transformer
+from itmatch.encoders.packed_transformer import packed_encoder
 from itmatch.encoders.pooling import MaxKPool, MeanPool
 
 
@@ -24,8 +26,14 @@ class FragmentSelfAttention(nn.Module):
             layer = nn.TransformerEncoderLayer(dim, heads, ff_dim, dropout, batch_first=True)
             # No nested-tensor fast path: it would make padded outputs depend on the execution mode.
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        # On CPU, run the layers on the real fragments only (equal up to float rounding, in training too;
+        # captions are mostly padding); False runs the module on the padded batch, for comparisons.
+        self.packed = True
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if (self.encoder is not None and self.packed and x.device.type == "cpu"
+                and packed_transformer.supports(self.encoder)):
+            return packed_encoder(self.encoder, x, mask)  # the same layers on the real fragments only
         out = x if self.encoder is None else self.encoder(x, src_key_padding_mask=~mask)
         return out.masked_fill(~mask.unsqueeze(-1), 0.0)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +47,7 @@ def _masked_max(sim: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tenso
     return sim.masked_fill(~valid, float("-inf")).amax(dim=dim)
 
 
-# Elements of one image chunk's (n, R, Nt, T) score block on the no-grad path: 4M floats = 16 MiB,
+# Elements of one image chunk's (n, R, N_words) score block on the no-grad path: 4M floats = 16 MiB,
 # small enough to stay near the cache and to bound memory at any batch size.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -97,46 +98,62 @@ def _matching_maxima_autograd(img_frag, img_mask, txt_frag, txt_mask, scores):
 
 @torch.no_grad()
 def _matching_maxima_nograd(img_frag, img_mask, txt_frag, txt_mask, scores, eps: float = 1e-12):
-    """The same maxima without autograd: one (n, R, Nt, T) block of images at a time, updated in place.
+    """The same maxima without autograd, on the real words only: one (n, R, N_words) block of images at
+    a time, where N_words counts the batch's real words (a padded batch of captions is mostly padding;
+    scenes: a third of the slots are words).
 
-    Padded fragments are zeroed before the matmul, so their scores are 0 exactly as the masked_fill
-    of the autograd path leaves them, and the norms need no mask. After the norms, padded entries
-    become -inf once, so both maxima skip them with no further masks or copies."""
+    The real words are packed caption after caption, so each caption's words are one contiguous
+    run of columns: the norm across a caption's words is a sum per run (`index_add_`) and a region's
+    best word in a caption is a maximum per run (numpy's `maximum.reduceat`). Padded regions are
+    zeroed before the matmul, so their scores are 0 exactly as the masked_fill of the autograd path
+    leaves them; they are set to -inf (once, by row index) before the maxima over regions."""
     r = F.normalize(img_frag, dim=-1) * img_mask[..., None]
-    c = F.normalize(txt_frag, dim=-1) * txt_mask[..., None]
     ni, nr = r.shape[:2]
-    nt, nw = c.shape[:2]
-    c_t = c.reshape(nt * nw, -1).T
-    region_best = r.new_empty(ni, nt, nr)
-    word_best = r.new_empty(nt, ni, nw)
-    # Padded slots as flat indices, filled with -inf by index (cheaper than a broadcast boolean mask).
-    pad_words = torch.nonzero(~txt_mask.reshape(-1)).squeeze(1)
+    nt, nw = txt_mask.shape
+    words = F.normalize(txt_frag[txt_mask], dim=-1)  # (N_words, d), caption by caption
+    lengths = txt_mask.sum(1)
+    caption = torch.arange(nt, device=txt_mask.device).repeat_interleave(lengths)  # caption of each packed word
+    position = txt_mask.nonzero()[:, 1]  # its slot in the padded caption
+    has_words = lengths > 0
+    starts = (torch.cumsum(lengths, 0) - lengths)[has_words]  # where each caption's run begins
+    region_best = r.new_full((ni, nt, nr), float("-inf"))  # a caption without words matches nothing
+    word_best = r.new_full((nt, ni, nw), float("-inf"))  # padded words: masked by the caller
     pad_regions = torch.nonzero(~img_mask.reshape(-1)).squeeze(1)
-    step = max(1, CHUNK_ELEMENTS // (nr * nt * nw))
+    step = max(1, CHUNK_ELEMENTS // max(1, nr * len(words)))
     for start in range(0, ni, step):
         stop = min(ni, start + step)
         n = stop - start
-        sim = (r[start:stop].reshape(-1, r.shape[-1]) @ c_t).view(n, nr, nt, nw)
+        sim = r[start:stop].reshape(n * nr, -1) @ words.T  # (n*R, N_words)
         if scores == "scan":
             F.leaky_relu_(sim, 0.1)
             squares = sim.square()
-            # the norms F.normalize divides by, from one tensor of squares: across regions, across words
-            to_regions = squares.sum(1, keepdim=True).sqrt_().clamp_min_(eps)
-            to_words = squares.sum(3, keepdim=True).sqrt_().clamp_min_(eps)
+            # the norms F.normalize divides by: across the regions of each image, across each caption's words
+            to_regions = squares.view(n, nr, -1).sum(1, keepdim=True).sqrt_().clamp_min_(eps)
+            to_words = squares.new_zeros(n * nr, nt).index_add_(1, caption, squares).sqrt_().clamp_min_(eps)
             del squares
-        flat = sim.view(n * nr, nt * nw)
-        if len(pad_words):
-            flat.index_fill_(1, pad_words, float("-inf"))
+            by_region = torch.div(sim.view(n, nr, -1), to_regions).view(n * nr, -1)
+            by_word = torch.div(sim, to_words[:, caption])
+        else:
+            by_region = by_word = sim
+        if len(words):
+            best = _run_maxima(by_region, starts)  # (n*R, captions with words)
+            region_best[start:stop, has_words] = best.view(n, nr, -1).transpose(1, 2)
         rows = pad_regions[(pad_regions >= start * nr) & (pad_regions < stop * nr)] - start * nr
         if len(rows):
-            flat.index_fill_(0, rows, float("-inf"))
-        if scores == "scan":
-            region_best[start:stop] = torch.div(sim, to_regions).amax(3).transpose(1, 2)
-            word_best[:, start:stop] = torch.div(sim, to_words).amax(1).transpose(0, 1)
-        else:
-            region_best[start:stop] = sim.amax(3).transpose(1, 2)
-            word_best[:, start:stop] = sim.amax(1).transpose(0, 1)
+            by_word.index_fill_(0, rows, float("-inf"))
+        word_best[caption, start:stop, position] = by_word.view(n, nr, -1).amax(1).T
     return region_best, word_best
+
+
+def _run_maxima(values: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """(rows, len(starts)) maximum of each run of columns; the runs are non-empty, contiguous, in order,
+    begin at `starts` (ascending) and together cover every column."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.maximum.reduceat(values.numpy(), starts.cpu().numpy(), axis=1))
+    # elsewhere (GPU, half precision): a scatter of every column into its run's slot
+    slot = torch.searchsorted(starts, torch.arange(values.shape[1], device=values.device), right=True) - 1
+    out = values.new_full((values.shape[0], len(starts)), float("-inf"))
+    return out.scatter_reduce_(1, slot.expand_as(values), values, "amax")
 
 
 REGION_REDUCE = ("max", "sum")
