@@ -74,7 +74,9 @@ class Bench:
     def __init__(self, title: str, args: argparse.Namespace):
         self.title, self.args = title, args
         threads = getattr(args, "threads", 1)
-        torch.set_num_threads(threads)
+        from itmatch.threads import configure_threads
+
+        configure_threads(threads)  # torch and numpy's BLAS alike
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = str(threads)  # for subprocesses; this process is set by set_num_threads
         self.command = " ".join(["python", *sys.argv])

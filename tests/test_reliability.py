@@ -293,3 +293,21 @@ def test_partial_checkpoint_writes_are_removed_and_finished_ones_kept(tmp_path):
     assert sorted(remove_partial_saves(run)) == sorted(junk)
     assert all(f.is_dir() for f in keep) and not any(f.exists() for f in junk)
     assert remove_partial_saves(tmp_path / "missing") == []
+
+
+def test_configure_threads_limits_numpy_blas_too():
+    import numpy as np  # noqa: F401  (loads the BLAS threadpoolctl inspects)
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from itmatch.threads import configure_threads
+
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=None):  # restores numpy's pools after the test
+        try:
+            threadpool_limits(limits=2, user_api="blas")  # as numpy sizes it from the machine
+            assert configure_threads(1) == 1
+            blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+            assert blas and all(p["num_threads"] == 1 for p in blas)
+        finally:
+            torch.set_num_threads(before)
