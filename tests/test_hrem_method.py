@@ -192,7 +192,8 @@ def test_dias_regularizer_composes_with_hrem():
     from itmatch.data.batch import positive_mask
 
     reg = DIASRegularizer(cfg.dias)(out, positive_mask(idx, idx))
-    hrem_part = sum(float(terms[t]) for t in ("base", "enh_enh", "enh_base", "base_enh", "reg"))
+    hrem_part = sum(float(torch.as_tensor(terms[t]).detach())
+                    for t in ("base", "enh_enh", "enh_base", "base_enh", "reg"))
     assert terms["loss"].item() == pytest.approx(hrem_part + reg["loss"].item(), rel=1e-4)
     model.zero_grad()
     reg["loss"].backward()  # the DIAS terms alone reach HREM's fragment-level attention
