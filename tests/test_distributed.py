@@ -84,7 +84,6 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import torch.distributed as dist
 
     for name, cfg in configs(root).items():
         torch.save(one_step(cfg, os.path.join(out, f"run-{name}-{rank}")), os.path.join(out, f"{name}-{rank}.pt"))
@@ -97,7 +96,8 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     for _ in range(2):
         wrapped(torch.ones(2, 3) * (rank + 1)).sum().backward()
     torch.save(model["used"].weight.grad, os.path.join(out, f"unused-{rank}.pt"))
-    dist.destroy_process_group()
+    del wrapped
+    Distributed(rank, world).close()  # barrier, then destroy: the product's shutdown
 
 
 def free_port() -> int:

@@ -201,6 +201,10 @@ class Distributed:
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
+            # Every rank finishes its pending collectives before any tears gloo down: a rank that
+            # destroyed the group while its peer still had work in flight died with SIGABRT
+            # ("terminate called without an active exception") after a successful run.
+            dist.barrier()
             dist.destroy_process_group()
 
 
