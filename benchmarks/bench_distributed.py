@@ -33,19 +33,15 @@ def _run(rank: int, world: int, port: int, args, queue) -> None:
                           LOCAL_RANK=str(rank))
     torch.set_num_threads(args.threads)
     from itmatch.objectives.base import TrainProgress
-    from itmatch.training.loop import Trainer
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from harness import first_epoch_trainer
 
     cfg = load_config(PACKAGED_CONFIGS / f"{args.method}_scenes.yaml", [
         f"data.root={args.data}", f"train.batch_size={args.batch}", f"train.device={args.device}", "data.num_workers=0",
         f"sampler.clusters_per_batch={args.batch // 8}", "sampler.images_per_cluster=8",
         *(["hrem.instance_warmup_steps=0"] if args.method == "hrem" else [])])
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, tmp, echo=False)
-        trainer.prepare()
-        trainer.sampler.set_epoch(0)
-        trainer.dataset.set_epoch(0)
-        loader = torch.utils.data.DataLoader(trainer.dataset, batch_sampler=trainer.sampler,
-                                             collate_fn=trainer.dataset.collate)
+        trainer, loader = first_epoch_trainer(cfg, tmp)
         batches = iter(loader)
         progress = TrainProgress(0, 0, trainer.total_steps)
         for _ in range(args.warmup):

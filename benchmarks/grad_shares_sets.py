@@ -12,6 +12,8 @@ separately; the table gives ||grad(term)|| unweighted and ||weight * grad(term)|
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 
 import torch
@@ -56,17 +58,13 @@ def main() -> None:
     from itmatch.config import load_config
     from itmatch.objectives.base import TrainProgress
     from itmatch.objectives.sets import TERMS
-    from itmatch.training.loop import Trainer
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from harness import first_epoch_trainer
 
     cfg = load_config(args.config, [*args.overrides, f"train.max_steps={max(1, args.train_steps)}",
                                     "train.eval_every_epochs=1000"])
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, tmp, echo=False)
-        trainer.prepare()
-        trainer.sampler.set_epoch(0)
-        trainer.dataset.set_epoch(0)
-        loader = torch.utils.data.DataLoader(trainer.dataset, batch_sampler=trainer.sampler,
-                                             collate_fn=trainer.dataset.collate)
+        trainer, loader = first_epoch_trainer(cfg, tmp)
         it = iter(loader)
         probe = [next(it) for _ in range(args.batches)]
         progress = TrainProgress(epoch=1, step=0)

@@ -39,6 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser, rounds: int = 5, repeats: int
     return parser
 
 
+def first_epoch_trainer(cfg, run_dir):
+    """(trainer, loader): a fully set-up `Trainer` (`prepare()`, no training) and a DataLoader over its
+    first epoch's batches, for benchmarks that probe single steps of a configured run."""
+    from itmatch.training.loop import Trainer
+
+    trainer = Trainer(cfg, run_dir, echo=False)
+    trainer.prepare()
+    trainer.sampler.set_epoch(0)
+    trainer.dataset.set_epoch(0)
+    loader = torch.utils.data.DataLoader(trainer.dataset, batch_sampler=trainer.sampler,
+                                         collate_fn=trainer.dataset.collate)
+    return trainer, loader
+
+
 def load_average() -> list[float]:
     with open("/proc/loadavg", encoding="ascii") as f:
         return [float(x) for x in f.read().split()[:3]]
