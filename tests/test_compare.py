@@ -147,6 +147,29 @@ def test_as_matrix_accepts_arrays_tensors_and_score_sources():
         _as_matrix([[1.0]])
 
 
+def test_per_query_values_reproduce_the_report_when_pair_scores_differ_in_the_last_bit():
+    """A model's source scores a caption's own image by another kernel than its rows; the per-query
+    values must be read from the same source as the report, not from a densified copy."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from itmatch.compare.runs import per_query_arrays, query_metrics
+    from itmatch.evaluation.protocols import evaluate_sims
+    from itmatch.evaluation.scores import BlockScores
+
+    s = np.array([[0.5, 0.1, 0.2], [0.5, 0.9, 0.3], [0.1, 0.2, 0.8]], dtype=np.float32)  # caption 0 ties
+    c2i = np.arange(3)
+    nudged = lambda r, c: torch.as_tensor(np.nextafter(s[r, c], np.float32(np.inf)))  # noqa: E731
+    source = BlockScores(lambda a, b: torch.as_tensor(s[a:b]), s.shape, pair_fn=nudged)
+    report = evaluate_sims(source, "plain", caption_to_image=c2i)["metrics"]
+    split = SimpleNamespace(caption_to_image=c2i, relevance=None)
+    from_source = query_metrics(per_query_arrays(source, split, "plain"))
+    from_dense = query_metrics(per_query_arrays(s, split, "plain"))
+    assert float(np.mean(from_source["t2i_r1"][0])) == pytest.approx(report["t2i_r1"])
+    assert float(np.mean(from_dense["t2i_r1"][0])) != pytest.approx(report["t2i_r1"])  # the case it guards
+
+
 def test_any_numeric_report_metric_is_ordered_filtered_and_summarised():
     from itmatch.compare.command import analyse, order_metrics
     from itmatch.errors import ItmatchError
