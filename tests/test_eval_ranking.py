@@ -293,3 +293,39 @@ def test_recalls_are_the_printed_decimal_not_a_mean_times_100():
             ranks = np.where(np.arange(size) < count, 0, 50)
             got = recall_metrics(Ranks(i2t=ranks, t2i=ranks))["i2t_r1"]
             assert got == float(Fraction(100 * count, size)), (count, size)
+
+
+def test_collapsed_embeddings_tie_everywhere_and_score_worst_under_pessimistic_ties():
+    """300 identical image embeddings: each caption ties with every image. The embedding source scores
+    own pairs by an elementwise dot product and blocks by a matrix product, which differ in the last
+    bit for most pairs; the evaluation must still rank from one matrix (it gave t2i R@1 44.4)."""
+    from itmatch.evaluation.protocols import evaluate_sims
+    from itmatch.evaluation.scores import materialise
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 300, 256
+    images = torch.nn.functional.normalize(torch.randn(1, d, generator=g), dim=-1).repeat(n, 1)
+    captions = torch.nn.functional.normalize(torch.randn(5 * n, d, generator=g), dim=-1)
+    c2i = np.repeat(np.arange(n), 5)
+    source = embedding_scores(images, captions)
+    own_block = source.rows(0, n)[torch.as_tensor(c2i), torch.arange(5 * n)]
+    assert (source.pairs(c2i, np.arange(5 * n)) != own_block).any()  # the kernels do differ here
+    metrics = evaluate_sims(source, "plain", caption_to_image=c2i)["metrics"]
+    assert metrics["t2i_r1"] == 0.0 and metrics["t2i_r10"] == 0.0
+    assert metrics["i2t_r1"] == pytest.approx(100 / n)  # only the last image: its captions come last
+    dense = materialise(source)
+    assert isinstance(dense, DenseScores) and torch.equal(dense.rows(0, n), source.rows(0, n))
+
+
+def test_materialise_spills_large_matrices_to_a_memory_map(tmp_path, monkeypatch):
+    from itmatch.evaluation.scores import materialise
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    s = np.random.default_rng(0).standard_normal((7, 11)).astype(np.float32)
+    source = BlockScores(lambda a, b: torch.as_tensor(s[a:b]), s.shape, chunk_rows=3)
+    spilled = materialise(source, max_bytes=16)
+    assert isinstance(spilled.scores, np.memmap) and np.array_equal(np.asarray(spilled.scores), s)
+    assert list(tmp_path.iterdir()) == []  # the file is unlinked once mapped

@@ -165,15 +165,13 @@ def per_query_arrays(sims, split_data, protocol: str) -> dict[str, np.ndarray]:
     """Per-query arrays of one evaluation: 0-based ground-truth ranks and, for scenes, mAP@R and R-P,
     computed by the protocol's own per-query function so that their means are the report's values.
 
-    A score source is read as the report read it, not densified: a model's source scores single
-    pairs (each caption's own image) by another kernel than its row blocks, which can differ in the
-    last bit, and a near-tie with another image then ranked differently here than in the report.
+    Scores are read from one materialised matrix, as the report reads them (`scores.materialise`).
     """
     from itmatch.evaluation.protocols import scenes_queries
     from itmatch.evaluation.ranking import ground_truth_ranks
-    from itmatch.evaluation.scores import ScoreSource
+    from itmatch.evaluation.scores import ScoreSource, as_score_source, materialise
 
-    mat = sims if isinstance(sims, ScoreSource) else _as_matrix(sims)
+    mat = materialise(as_score_source(sims if isinstance(sims, ScoreSource) else _as_matrix(sims)))
     if protocol == "scenes" and split_data.relevance is not None:
         q = scenes_queries(mat, split_data)
         return {"caption_to_image": q.caption_to_image, "i2t_rank": q.ranks.i2t, "t2i_rank": q.ranks.t2i,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from itmatch.errors import ItmatchError
-from itmatch.evaluation.scores import DenseScores, MeanScores, ScoreSource
+from itmatch.evaluation.scores import DenseScores, MeanScores, ScoreSource, materialise
 
 DEFAULT_CAPTIONS_PER_IMAGE = 5
 
@@ -98,9 +98,9 @@ def cmd_eval_sims(args) -> int:
 def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol: str | None,
                         batch_size: int = 256, device: str = "auto", save_sims: str | Path | None = None,
                         shortlist: int | None = None):
-    """(report, scores, split) for a checkpoint on one split; `scores` is a ScoreSource (`.dense()`
-    gives the matrix where it fits in memory). With `save_sims`, the matrix is first written there
-    block by block and the metrics read it back memory-mapped, so no pair is scored twice."""
+    """(report, scores, split) for a checkpoint on one split; `scores` is the DenseScores the report
+    was computed from (see `scores.materialise`). With `save_sims`, the matrix is written there block
+    by block and the metrics read it back memory-mapped."""
     import time
 
     from itmatch.checkpoint import from_pretrained
@@ -117,16 +117,17 @@ def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol
     split_data = load_configured_split(data_cfg, split, root, check_finite=True)
     check_split_fits(cfg, split_data)  # e.g. features of another width: one line, not a matmul traceback
     t0 = time.perf_counter()
-    scores = split_scores(model, split_data, tokenizer, cfg.model, batch_size, dev, shortlist=shortlist)
-    if save_sims is not None:
-        scores = DenseScores(load_sims(scores.save_npy(save_sims)), name=str(save_sims))
+    lazy = split_scores(model, split_data, tokenizer, cfg.model, batch_size, dev, shortlist=shortlist)
+    # the one matrix the report and any per-query analysis (compare) read, each score computed once
+    scores = (DenseScores(load_sims(lazy.save_npy(save_sims)), name=str(save_sims)) if save_sims is not None
+              else materialise(lazy))
     if protocol is None:
         protocol = "scenes" if split_data.relevance is not None else "plain"
     report = evaluate_sims(scores, protocol, split_data, dataset=str(root), split_name=split)
     report.update({"method": cfg.model.method, "kind": model.kind, "checkpoint": str(checkpoint),
                    "encode_and_score_s": round(time.perf_counter() - t0, 3), "version": __version__})
-    if shortlist is not None and hasattr(scores, "recall"):  # the shortlist's share of the ground truth
-        report["shortlist"] = {"k": shortlist, **shortlist_recall(scores, split_data)}
+    if shortlist is not None and hasattr(lazy, "recall"):  # the shortlist's share of the ground truth
+        report["shortlist"] = {"k": shortlist, **shortlist_recall(lazy, split_data)}
     return report, scores, split_data
 
 

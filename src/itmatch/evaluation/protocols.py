@@ -38,7 +38,7 @@ from itmatch.evaluation.ranking import (
     twin_accuracy,
 )
 from itmatch.evaluation.report import build_report
-from itmatch.evaluation.scores import ArrayLike, ScoreSource, SubScores, as_score_source
+from itmatch.evaluation.scores import ArrayLike, ScoreSource, SubScores, as_score_source, materialise
 
 PROTOCOLS = ("plain", "f30k-1k", "coco-1k", "coco-5k", "scenes", "eccv")
 EXPECTED_IMAGES = {"f30k-1k": 1000, "coco-5k": 5000, "coco-1k": 5000, "eccv": 5000}
@@ -82,7 +82,7 @@ def evaluate_sims(sims: ArrayLike | ScoreSource, protocol: str, split: Retrieval
     if protocol not in PROTOCOLS:
         raise ItmatchError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     is_pessimistic(tie_policy)
-    source = as_score_source(sims)
+    source = materialise(as_score_source(sims))  # every score from one matrix: exact ties
     n_img, n_cap = source.shape
     c2i = resolve_caption_to_image(n_img, n_cap, split, caption_to_image)
     expected = EXPECTED_IMAGES.get(protocol)
@@ -168,7 +168,7 @@ def _scenes_setup(source: ScoreSource, caption_to_image: np.ndarray, split: Retr
 def scenes_queries(scores: ArrayLike | ScoreSource, split: RetrievalSplit, *, tie_policy: str = "pessimistic",
                    chunk_rows: int | None = None) -> ScenesQueries:
     """Per-query ranks, mAP@R and R-Precision of the scenes protocol (main captions only)."""
-    source = as_score_source(scores)
+    source = materialise(as_score_source(scores))
     c2i_all = resolve_caption_to_image(*source.shape, split, None)
     main, relevance, und, _ = _scenes_setup(source, c2i_all, split)
     return _main_queries(source, c2i_all, main, relevance, und, tie_policy, chunk_rows)

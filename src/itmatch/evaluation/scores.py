@@ -11,7 +11,8 @@ single (image, caption) pairs from a `ScoreSource`. Sources:
     MeanScores    the element-wise mean of several sources (an ensemble)
     SubScores     a row range and a column subset of another source (the COCO 1K folds)
 
-`dense()` and `save_npy()` materialise a source where a user asks for the matrix (`--save-sims`).
+`dense()` and `save_npy()` materialise a source where a user asks for the matrix (`--save-sims`);
+`materialise()` does it before any metric reads scores (see there why).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from itmatch.models.contract import Encoding
 BLOCK_ELEMENTS = 2**24
 # Pairs gathered per call of a pair function: bounds the (pairs x D) gathers of `pairs`.
 PAIR_CHUNK = 8192
+# Scores held in memory for the metrics up to this size (COCO 5K x 25K is 0.5 GiB of float32);
+# a larger matrix goes to a temporary memory-mapped .npy.
+DENSE_BYTES = 1 << 30
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -254,6 +258,35 @@ class SubScores(ScoreSource):
 
     def _pairs(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         return self.parent.pairs(rows + self.row_start, self.cols[cols])
+
+
+def materialise(source: ScoreSource, max_bytes: int | None = None) -> ScoreSource:
+    """The source's scores computed once, all by its row blocks, as a DenseScores.
+
+    The metrics read a few scores as single pairs (each caption's own image, each relevant pair) and
+    compare them with row blocks. A model scores single pairs by another kernel than its blocks
+    (an elementwise dot product against a matrix product), which differs in the last bit for most
+    pairs; a tie between two images then went to whichever kernel rounded up. Measured: 300
+    identical image embeddings, where every caption ties with all images, got t2i R@1 44.4 instead
+    of 0 under pessimistic ties. Reading every score from one matrix makes ties exact; it also
+    computes each score once instead of once per metric pass. Matrices over `max_bytes` (default
+    `DENSE_BYTES`) are written block by block to a temporary file (in $TMPDIR) and memory-mapped.
+    """
+    if isinstance(source, DenseScores):
+        return source
+    n_img, n_cap = source.shape
+    if n_img * n_cap * 4 <= (DENSE_BYTES if max_bytes is None else max_bytes):
+        return DenseScores(source.dense(), source.name)
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="itmatch-scores-", suffix=".npy")
+    os.close(fd)
+    try:
+        source.save_npy(tmp)
+        scores = np.load(tmp, mmap_mode="r")
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # the mapping stays valid; the disk space goes with it
+    return DenseScores(scores, source.name)
 
 
 def as_score_source(scores: ArrayLike | ScoreSource, name: str = "similarity matrix") -> ScoreSource:
