@@ -170,6 +170,21 @@ def test_per_query_values_reproduce_the_report_when_pair_scores_differ_in_the_la
         assert float(np.mean(per_query["t2i_r1"][0])) == pytest.approx(report["t2i_r1"])
 
 
+def test_compare_evaluates_on_the_arms_test_split_or_refuses_differing_ones():
+    from types import SimpleNamespace
+
+    from itmatch.compare.command import _test_split
+    from itmatch.errors import ItmatchError
+
+    def run(label, split):
+        data = SimpleNamespace(test_split=split)
+        return SimpleNamespace(arm=SimpleNamespace(label=label), cfg=SimpleNamespace(data=data))
+
+    assert _test_split([run("a", "test_set"), run("b", "test_set")]) == "test_set"
+    with pytest.raises(ItmatchError, match="'test' \\(a\\), 'test_set' \\(b\\).*--split"):
+        _test_split([run("a", "test"), run("b", "test_set"), run("c", "test")])
+
+
 def test_any_numeric_report_metric_is_ordered_filtered_and_summarised():
     from itmatch.compare.command import analyse, order_metrics
     from itmatch.errors import ItmatchError

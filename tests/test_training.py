@@ -110,8 +110,14 @@ def test_cli_train_eval_and_bad_inputs(tiny_scenes, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--config", "vse_scenes", "--out", str(run), "--set", f"data.root={tiny_scenes}",
             "--set", "model.embed_dim=32", "--set", "model.text.glove=null", "--set", "model.text.word_dim=16",
-            "--set", "train.max_steps=3", "--set", "train.batch_size=32"]
+            "--set", "train.max_steps=3", "--set", "train.batch_size=32", "--set", "data.test_split=dev"]
     assert main(args) == 0
+    # Without --split, eval reads the run's data.test_split.
+    default_path = tmp_path / "default-split.json"
+    assert main(["eval", str(run), "--output", str(default_path)]) == 0
+    default_report = json.loads(default_path.read_text())
+    dev_captions = len((tiny_scenes / "dev_caps.txt").read_text(encoding="utf-8").splitlines())
+    assert default_report["split"] == "dev" and default_report["n_captions"] == dev_captions
     # A second train into the same folder must not overwrite it.
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a trained run or checkpoint")
     ev.add_argument("checkpoint", help="run folder (uses its best checkpoint) or checkpoint folder")
     ev.add_argument("--data", default=None, help="data folder (default: the one the run trained on)")
-    ev.add_argument("--split", default="test")
+    ev.add_argument("--split", default=None, help="default: the run's data.test_split (test)")
     ev.add_argument("--protocol", default=None,
                     choices=["f30k-1k", "coco-1k", "coco-5k", "scenes", "eccv", "plain"],
                     help="default: scenes for scenes data, plain otherwise")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override for every run, e.g. --set train.epochs=4 (repeatable)")
     cp.add_argument("--set-for", dest="set_for", action="append", default=[], metavar="NAME:KEY=VALUE",
                     help="override for one arm only (repeatable)")
-    cp.add_argument("--split", default="test")
+    cp.add_argument("--split", default=None, help="default: the arms' data.test_split (test)")
     cp.add_argument("--protocol", default=None,
                     choices=["f30k-1k", "coco-1k", "coco-5k", "scenes", "eccv", "plain"],
                     help="default: scenes for scenes data, plain otherwise")

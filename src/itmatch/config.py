@@ -163,7 +163,7 @@ class DataConfig:
     format: Literal["precomp", "karpathy", "csv", "jsonl"] = "precomp"
     train_split: str = "train"
     dev_split: str = "dev"
-    test_split: str = "test"
+    test_split: str = "test"  # the default --split of `itmatch eval` and `itmatch compare`
     image_root: str | None = None  # folder of image files (karpathy / csv / jsonl)
     annotations: str | None = None  # karpathy json or csv / jsonl file
     max_dev_images: int = 1000  # as every reference repo does: validate on the first 1000 dev images

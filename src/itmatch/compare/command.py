@@ -220,6 +220,17 @@ def _query_rows(by: dict, arms: list[str], seeds: list[int], m: str, notes: list
 
 
 # -------------------------------------------------------------------------------- command
+def _test_split(runs: list[Run]) -> str:
+    """The arms' data.test_split: one split for every arm, or a clear error."""
+    splits = {}
+    for run in runs:
+        splits.setdefault(run.cfg.data.test_split, run.arm.label)
+    if len(splits) > 1:
+        named = ", ".join(f"{split!r} ({label})" for split, label in splits.items())
+        raise ItmatchError(f"the arms' data.test_split differ: {named}; pass --split to evaluate them on one split")
+    return next(iter(splits))
+
+
 def cmd_compare(args) -> int:
     from itmatch.compare.report import write_outputs
     from itmatch.files import atomic_write_text
@@ -245,6 +256,7 @@ def cmd_compare(args) -> int:
     for run in runs:
         check_run_compatible(run)
 
+    split = args.split or _test_split(runs)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / SPEC, json.dumps(spec, indent=2) + "\n")
     if len(seeds) < MIN_SEEDS:
@@ -256,7 +268,7 @@ def cmd_compare(args) -> int:
             print(f"[{i}/{len(runs)}] {text}", flush=True)
 
         trained = ensure_trained(run, say, device=args.device if args.device != "auto" else None)
-        report, arrays, eval_status = evaluate_run(run, args.split, args.protocol, args.batch_size, args.device, say)
+        report, arrays, eval_status = evaluate_run(run, split, args.protocol, args.batch_size, args.device, say)
         records.append({
             "label": run.arm.label, "seed": run.seed, "config": run.arm.config, "run_dir": str(run.run_dir),
             "train": trained, "eval": eval_status, "protocol": report.get("protocol"),
@@ -277,7 +289,7 @@ def cmd_compare(args) -> int:
     metrics = order_metrics(all_keys, args.metrics)
     result = analyse(records, labels, seeds, baseline, metrics, args.bootstrap, args.bootstrap_seed)
     result.update({
-        "split": args.split, "protocol": protocols[0], "seeds": seeds, "baseline": baseline, "arms": labels,
+        "split": split, "protocol": protocols[0], "seeds": seeds, "baseline": baseline, "arms": labels,
         "metrics": metrics, "confidence": 0.95, "bootstrap": {"resamples": args.bootstrap, "seed": args.bootstrap_seed},
         "spec": spec, "n_images": records[0]["n_images"], "n_captions": records[0]["n_captions"],
         "runs": [{k: v for k, v in r.items() if k not in ("query_metrics", "caption_to_image")} for r in records],

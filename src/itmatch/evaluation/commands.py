@@ -95,7 +95,7 @@ def cmd_eval_sims(args) -> int:
     return 0
 
 
-def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol: str | None,
+def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str | None, protocol: str | None,
                         batch_size: int = 256, device: str = "auto", save_sims: str | Path | None = None,
                         shortlist: int | None = None):
     """(report, scores, split) for a checkpoint on one split; `scores` is the DenseScores the report
@@ -113,6 +113,7 @@ def evaluate_checkpoint(checkpoint: Path, data: str | None, split: str, protocol
     dev = resolve_device(device)
     model, tokenizer, cfg = from_pretrained(checkpoint, dev)
     data_cfg = replace(cfg.data, root=data) if data else cfg.data
+    split = split or data_cfg.test_split
     root = resolve_data_root(data_cfg)
     split_data = load_configured_split(data_cfg, split, root, check_finite=True)
     check_split_fits(cfg, split_data)  # e.g. features of another width: one line, not a matmul traceback
