@@ -24,6 +24,7 @@ What the trainer asks of this module, and why the result is the single-process o
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
@@ -203,7 +204,10 @@ class Distributed:
         if self.enabled and dist.is_initialized():
             # Every rank finishes its pending collectives before any tears gloo down: a rank that
             # destroyed the group while its peer still had work in flight died with SIGABRT
-            # ("terminate called without an active exception") after a successful run.
+            # ("terminate called without an active exception") after a successful run. Unreachable
+            # DDP wrappers (a reducer holds the group) are freed first, here, not later on whichever
+            # thread drops the group's last reference.
+            gc.collect()
             dist.barrier()
             dist.destroy_process_group()
 
